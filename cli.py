@@ -1,0 +1,187 @@
+"""The `papm` command line.
+
+Each subcommand imports what it needs when it runs, so the edge commands
+(`papm infer`, `papm bench`) never import torch. Every user-facing error is
+one line on stderr, ``error: <problem>; <fix>``, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--dataset", required=required, default=None,
+                   help="digits (built in), cifar10, or imagefolder (with --data-root)" + ("" if required else "; default: the checkpoint's"))
+    p.add_argument("--data-root", default=None, help="data folder for cifar10 / imagefolder")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is missing (needs network)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="papm", description="Split a trained ResNet across edge devices with PAPM pruning.")
+    parser.add_argument("--version", action="version", version=f"papm {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train the base ResNet-18 and save a self-describing checkpoint")
+    _add_data_args(t, required=True)
+    t.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = 11.17M parameters at 10 classes)")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for model selection")
+    t.add_argument("--image-size", type=int, default=32, help="imagefolder: images are resized to this square size")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder: 1 (grey) or 3 (RGB)")
+    t.add_argument("--out", default="base.pt")
+    _add_common(t)
+
+    p = sub.add_parser("prune", help="prune a copy of the base model toward some classes to a parameter budget")
+    p.add_argument("checkpoint", help="base checkpoint from `papm train`")
+    _add_data_args(p, required=False)
+    p.add_argument("--classes", required=True, help="the group's classes, ids or names: 3,5,8")
+    p.add_argument("--budget", type=_fraction, required=True, help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%%")
+    p.add_argument("--criterion", default="papm", help="papm (default), l1, apoz or random")
+    p.add_argument("--alpha", type=float, default=0.5, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ)")
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    p.add_argument("--apoz-samples", type=int, default=2048, help="group-class training samples used for APoZ")
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--emphasis", type=float, default=4.0, help="weight of the group's classes vs the others (1 = none)")
+    p.add_argument("--emphasis-mode", default="loss", help="loss (class-weighted loss) or sampling (weighted sampling)")
+    p.add_argument("--kd", action="store_true", help="distil from the base model while fine-tuning")
+    p.add_argument("--kd-weight", type=float, default=0.5)
+    p.add_argument("--kd-temperature", type=float, default=4.0)
+    p.add_argument("--out", default="pruned.pt", help="pruned checkpoint; the report goes beside it as <name>.json")
+    _add_common(p)
+    return parser
+
+
+def _version() -> str:
+    from papm import __version__
+
+    return __version__
+
+
+def _progress(args) -> bool | None:
+    return False if args.quiet else None  # None: tqdm decides (bars on a terminal)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from papm.shared.checkpoint import save_checkpoint
+    from papm.shared.datasets import load_dataset
+    from papm.shared.files import refuse_existing
+    from papm.shared.models import ResNet18, count_params, model_args
+    from papm.shared.training import TrainSettings, evaluate, fit, resolve_device
+
+    out = Path(args.out)
+    refuse_existing(out, force=args.force)
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                             label_smoothing=args.label_smoothing, seed=args.seed).validate()
+    device = resolve_device(args.device)
+    splits = load_dataset(args.dataset, args.data_root, split_seed=args.seed, val_fraction=args.val_fraction,
+                          download=args.download, image_size=args.image_size, in_channels=args.channels)
+    info = splits.info
+    torch.manual_seed(args.seed)
+    margs = model_args(info.num_classes, info.in_channels, args.width)
+    model = ResNet18(info.num_classes, info.in_channels, args.width)
+    print(f"training ResNet-18 x{args.width:g} ({count_params(model):,} params) on {info.name}: "
+          f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, {info.num_classes} classes, "
+          f"{info.in_channels}x{info.image_size}x{info.image_size}, device {device}")
+    history = fit(model, splits.train, info, settings, device, val=splits.val, progress=_progress(args))
+    val_acc = evaluate(model, splits.val, info, device)["accuracy"]
+    test = evaluate(model, splits.test, info, device)
+    meta = {"history": history, "val_accuracy": val_acc, "test_accuracy": test["accuracy"],
+            "per_class_test_accuracy": {info.class_names[c]: a for c, a in test["per_class"].items()},
+            "train_settings": vars(settings).copy()}
+    save_checkpoint(out, model, margs, info, kind="base", meta=meta)
+    print(f"val accuracy {val_acc:.4f}  test accuracy {test['accuracy']:.4f}")
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from papm.shared.checkpoint import read_checkpoint, load_checkpoint, save_checkpoint
+    from papm.shared.datasets import load_dataset_like
+    from papm.shared.files import atomic_write_json, refuse_existing
+    from papm.shared.specialise import PruneSettings, parse_classes, specialise
+    from papm.shared.training import TrainSettings, resolve_device
+
+    out = Path(args.out)
+    report_path = out.with_suffix(".json")
+    if report_path == out:
+        report_path = out.with_name(out.name + ".report.json")
+    refuse_existing(out, report_path, force=args.force)
+    settings = PruneSettings(
+        budget=args.budget, criterion=args.criterion, alpha=args.alpha, round_to=args.round_to,
+        apoz_samples=args.apoz_samples, emphasis=args.emphasis, emphasis_mode=args.emphasis_mode, kd=args.kd,
+        kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+        finetune=TrainSettings(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
+                               warmup=0.1, seed=args.seed),
+    ).validate()
+    device = resolve_device(args.device)
+    base, info, ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.get("kind") != "base":
+        from papm.shared.errors import PapmError
+
+        raise PapmError(f"{args.checkpoint} is a {ckpt.get('kind')} checkpoint; prune a base checkpoint from `papm train`")
+    classes = parse_classes(args.classes, info)
+    splits = load_dataset_like(info, args.dataset, args.data_root, args.download)
+    print(f"pruning {args.checkpoint} toward classes {[info.class_names[c] for c in classes]} "
+          f"to remove {settings.budget:.0%} of the parameters ({settings.criterion}, alpha={settings.alpha:g})")
+    model, margs, report = specialise(base, ckpt["model_args"], splits, classes, settings, device, progress=_progress(args))
+    report["base_checkpoint"] = str(args.checkpoint)
+    report["checkpoint"] = str(out)
+    save_checkpoint(out, model, margs, info, kind="pruned",
+                    meta={"classes": classes, "base_checkpoint": str(args.checkpoint),
+                          "reduction": report["reduction"], "criterion": settings.criterion, "alpha": settings.alpha})
+    atomic_write_json(report_path, report)
+    acc = report["accuracy"]
+    print(f"params {report['params_before']:,} -> {report['params_after']:,} (reduction {report['reduction']:.4f}, "
+          f"target {settings.budget:g}); MACs {report['macs_before']:,} -> {report['macs_after']:,}")
+    print(f"test accuracy      all classes   group classes")
+    for key in ("base", "before_finetune", "after_finetune"):
+        print(f"  {key:<16} {acc[key]['all']:>10.4f}   {acc[key]['group']:>12.4f}")
+    print(f"saved {out} and {report_path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from papm.shared.errors import PapmError
+
+    try:
+        return COMMANDS[args.command](args)
+    except PapmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

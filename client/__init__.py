@@ -1,0 +1,1 @@
+"""Flower ClientApp: the edge node side of a PAPM run."""

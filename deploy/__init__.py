@@ -1,0 +1,1 @@
+"""Grouping reports, edge bundles, the torch-free runtime and SuperNode deployment helpers."""

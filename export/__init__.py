@@ -1,0 +1,1 @@
+"""ONNX export, PyTorch/ONNX parity checks and INT8 quantisation."""

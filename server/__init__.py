@@ -1,0 +1,1 @@
+"""Flower ServerApp: the coordinator of a PAPM run."""

@@ -1,0 +1,1 @@
+"""Pure PyTorch core used by both the server and the clients (no Flower import)."""

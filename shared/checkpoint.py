@@ -1,0 +1,92 @@
+"""Checkpoints that carry their own metadata and load with ``weights_only=True``.
+
+Layout (plain containers and tensors only, like nanoGPT's ``model_args``)::
+
+    {"format": "papm-checkpoint", "version": 1, "kind": "base" | "pruned",
+     "model_args": {...},            # rebuilds the architecture (pruned channel table included)
+     "data": DatasetInfo.to_dict(),  # classes, normalisation, image size, split seed
+     "state_dict": {...}, "meta": {...}}
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .datasets import DatasetInfo
+from .errors import PapmError
+from .files import atomic_write_bytes
+from .models import build_model
+
+FORMAT = "papm-checkpoint"
+VERSION = 1
+
+
+def checkpoint_bytes(model: nn.Module, model_args: dict, info: DatasetInfo, kind: str, meta: dict | None = None) -> bytes:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "model_args": model_args,
+        "data": info.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path: Path | str, model: nn.Module, model_args: dict, info: DatasetInfo, kind: str, meta: dict | None = None) -> Path:
+    """Write atomically: an interrupted save never leaves a broken checkpoint behind."""
+    return atomic_write_bytes(path, checkpoint_bytes(model, model_args, info, kind, meta))
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """The checkpoint dict, validated, loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PapmError(f"checkpoint not found: {path}; create one with `papm train --out {path}`")
+    if not zipfile.is_zipfile(path):
+        raise PapmError(f"{path} is not a readable checkpoint (not a PyTorch archive: truncated or corrupt); "
+                        "re-create it with `papm train` or `papm prune`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is many lines; keep the one naming the refused global
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else "it holds pickled Python objects"
+        raise PapmError(
+            f"{path} is not a safe PAPM checkpoint ({what}; loading uses weights_only=True); "
+            "re-create it with `papm train` or `papm prune`"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PapmError(f"{path} is not a readable checkpoint ({first}); re-create it with `papm train` or `papm prune`") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise PapmError(f"{path} is a PyTorch file but not a PAPM checkpoint; create one with `papm train`")
+    if ckpt.get("version") != VERSION:
+        raise PapmError(f"{path} has checkpoint version {ckpt.get('version')}, this papm reads version {VERSION}; re-create it")
+    for key in ("model_args", "data", "state_dict"):
+        if key not in ckpt:
+            raise PapmError(f"{path} lacks {key!r}; the file is damaged, re-create it")
+    return ckpt
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetInfo, dict[str, Any]]:
+    """(model in eval mode, dataset info, the raw checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt["model_args"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise PapmError(f"{path}: weights do not match its architecture ({first}); the file is damaged, re-create it") from None
+    return model.to(device).eval(), DatasetInfo.from_dict(ckpt["data"]), ckpt

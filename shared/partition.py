@@ -1,0 +1,117 @@
+"""Seeded partitioners: split sample indices across N nodes.
+
+Every partitioner returns one sorted index array per node; together they cover
+every sample exactly once, and the same (labels, arguments, seed) always give
+the same split.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PapmError
+
+PARTITIONERS = ("iid", "dirichlet", "by-group")
+
+
+def _check_nodes(labels: np.ndarray, num_nodes: int) -> None:
+    if num_nodes < 1:
+        raise PapmError(f"number of nodes must be >= 1, got {num_nodes}")
+    if num_nodes > len(labels):
+        raise PapmError(f"cannot split {len(labels)} samples across {num_nodes} nodes; use fewer nodes")
+
+
+def partition_iid(labels: Sequence[int], num_nodes: int, seed: int = 0) -> list[np.ndarray]:
+    """Shuffle and deal out: every node gets ~len/num_nodes samples of mixed classes."""
+    labels = np.asarray(labels)
+    _check_nodes(labels, num_nodes)
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    return [np.sort(part) for part in np.array_split(perm, num_nodes)]
+
+
+def partition_dirichlet(
+    labels: Sequence[int], num_nodes: int, alpha: float = 0.5, seed: int = 0, min_size: int = 1
+) -> list[np.ndarray]:
+    """Per class, node shares drawn from Dirichlet(alpha): small alpha = skewed nodes.
+
+    Redraws (with the same seeded generator) until every node has ``min_size`` samples.
+    """
+    labels = np.asarray(labels)
+    _check_nodes(labels, num_nodes)
+    if not alpha > 0:
+        raise PapmError(f"Dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_nodes)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            shares = rng.dirichlet(np.full(num_nodes, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for node, chunk in enumerate(np.split(idx, cuts)):
+                parts[node].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise PapmError(
+        f"Dirichlet(alpha={alpha}) left a node with fewer than {min_size} samples after 1000 draws; "
+        "raise alpha or use fewer nodes"
+    )
+
+
+def nodes_of_groups(num_groups: int, num_nodes: int) -> list[int]:
+    """Group served by each node: round-robin, so every group gets a node when nodes >= groups."""
+    if num_nodes < num_groups:
+        raise PapmError(f"{num_groups} groups need at least {num_groups} nodes, got {num_nodes}")
+    return [n % num_groups for n in range(num_nodes)]
+
+
+def partition_by_group(
+    labels: Sequence[int],
+    groups: Sequence[Sequence[int]],
+    num_nodes: int,
+    share: float = 0.8,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Each node mostly sees its group's classes.
+
+    Node n serves group ``n % K``. A sample of a class in group g goes, with
+    probability ``share``, to one of g's nodes (uniformly), otherwise to any node.
+    Classes in no group are spread uniformly.
+    """
+    labels = np.asarray(labels)
+    _check_nodes(labels, num_nodes)
+    if not 0.0 <= share <= 1.0:
+        raise PapmError(f"by-group share must be in [0, 1], got {share}")
+    node_group = np.asarray(nodes_of_groups(len(groups), num_nodes))
+    class_group = {int(c): g for g, members in enumerate(groups) for c in members}
+    rng = np.random.default_rng(seed)
+    owner = rng.integers(0, num_nodes, size=len(labels))  # the "anywhere" draw
+    stay = rng.random(len(labels)) < share
+    for g in range(len(groups)):
+        members = np.flatnonzero(node_group == g)
+        in_group = np.isin(labels, [c for c, gg in class_group.items() if gg == g]) & stay
+        owner[in_group] = members[rng.integers(0, len(members), size=int(in_group.sum()))]
+    return [np.flatnonzero(owner == n) for n in range(num_nodes)]
+
+
+def partition(
+    labels: Sequence[int],
+    num_nodes: int,
+    method: str = "iid",
+    *,
+    seed: int = 0,
+    alpha: float = 0.5,
+    groups: Sequence[Sequence[int]] | None = None,
+    share: float = 0.8,
+) -> list[np.ndarray]:
+    if method == "iid":
+        return partition_iid(labels, num_nodes, seed)
+    if method == "dirichlet":
+        return partition_dirichlet(labels, num_nodes, alpha, seed)
+    if method == "by-group":
+        if not groups:
+            raise PapmError("the by-group partitioner needs the class groups")
+        return partition_by_group(labels, groups, num_nodes, share, seed)
+    raise PapmError(f"unknown partitioner {method!r}; choose one of {', '.join(PARTITIONERS)}")

@@ -1,0 +1,1 @@
+"""One-machine simulated runs, experiment suites and benchmarks."""

@@ -1,0 +1,112 @@
+"""`papm train` / `papm prune` as a user runs them, and one clear line per bad input."""
+
+import json
+
+import pytest
+import torch
+
+from papm.shared.checkpoint import load_checkpoint
+from papm.shared.models import count_params
+
+from conftest import run_papm, write_imagefolder_for_cli
+
+
+def test_train_then_prune_end_to_end(tmp_path):
+    r = run_papm("train", "--dataset", "digits", "--width", "0.125", "--epochs", "2", "--out", "base.pt", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout and "val accuracy" in r.stdout
+    base, info, ckpt = load_checkpoint(tmp_path / "base.pt")
+    assert info.class_names == [str(c) for c in range(10)] and info.in_channels == 1 and info.image_size == 8
+    assert ckpt["model_args"]["width"] == 0.125 and len(info.mean) == 1 and info.split_seed == 0
+    # prune needs no dataset flags: the checkpoint carries them
+    r = run_papm("prune", "base.pt", "--classes", "3,5,8", "--budget", "0.77", "--finetune-epochs", "1",
+                 "--out", "pruned.pt", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "pruned.json").read_text())
+    for key in ("params_before", "params_after", "reduction", "target", "criterion", "alpha", "kept_channels",
+                "macs_before", "macs_after", "accuracy"):
+        assert key in report
+    pruned, _, pckpt = load_checkpoint(tmp_path / "pruned.pt")
+    assert count_params(pruned) == report["params_after"]
+    assert report["params_before"] == count_params(base)
+    assert abs(report["reduction"] - 0.77) <= 0.01 and report["target"] == 0.77
+    assert report["macs_after"] < report["macs_before"]
+    assert {c: m.out_channels for c, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)} == report["kept_channels"]
+    for stage in ("before_finetune", "after_finetune"):
+        assert set(report["accuracy"][stage]) == {"all", "group"}
+    assert pckpt["kind"] == "pruned"
+
+
+def _one_error_line(r):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    line = _one_error_line(run_papm("prune", tmp_path / "nope.pt", "--classes", "1", "--budget", "0.5", cwd=tmp_path))
+    assert "not found" in line and "papm train" in line
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage" * 100)
+    line = _one_error_line(run_papm("prune", "bad.pt", "--classes", "1", "--budget", "0.5", cwd=tmp_path))
+    assert "bad.pt" in line and "re-create" in line
+
+
+def test_checkpoint_with_pickled_module_is_refused(tmp_path):
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
+    line = _one_error_line(run_papm("prune", "pickled.pt", "--classes", "1", "--budget", "0.5", cwd=tmp_path))
+    assert "pickled.pt" in line and "not a safe" in line
+
+
+def test_unknown_dataset(tmp_path):
+    line = _one_error_line(run_papm("train", "--dataset", "mnist", "--out", "b.pt", cwd=tmp_path))
+    assert "unknown dataset 'mnist'" in line and "digits" in line
+
+
+@pytest.mark.parametrize("budget", ["1.5", "0", "-0.2", "1"])
+def test_budget_outside_unit_interval(tmp_path, base_ckpt, budget):
+    line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", budget, "--out", "p.pt", cwd=tmp_path))
+    assert "(0, 1)" in line
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_budget_that_cannot_be_met(tmp_path, base_ckpt):
+    line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", "0.9999", "--out", "p.pt", cwd=tmp_path))
+    assert "cannot be met" in line and "--budget <=" in line
+    assert not (tmp_path / "p.pt").exists() and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("classes,needle", [("3,12", "class id 12 is out of range"), ("3,three", "unknown class 'three'"), ("4,4", "twice")])
+def test_bad_classes(tmp_path, base_ckpt, classes, needle):
+    line = _one_error_line(run_papm("prune", base_ckpt, "--classes", classes, "--budget", "0.5", cwd=tmp_path))
+    assert needle in line
+
+
+def test_existing_output_is_not_overwritten_without_force(tmp_path, base_ckpt):
+    out = tmp_path / "p.pt"
+    out.write_bytes(b"earlier result")
+    line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", "0.5", "--out", out, cwd=tmp_path))
+    assert "already exists" in line and "--force" in line
+    assert out.read_bytes() == b"earlier result"
+    (tmp_path / "base.pt").write_bytes(b"keep me")
+    _one_error_line(run_papm("train", "--dataset", "digits", "--out", "base.pt", cwd=tmp_path))
+    assert (tmp_path / "base.pt").read_bytes() == b"keep me"
+
+
+def test_checkpoint_and_dataset_class_count_mismatch(tmp_path, base_ckpt, digits):
+    root = write_imagefolder_for_cli(tmp_path / "tree", digits)
+    line = _one_error_line(run_papm("prune", base_ckpt, "--dataset", "imagefolder", "--data-root", root,
+                                    "--classes", "1", "--budget", "0.5", cwd=tmp_path))
+    assert "10 classes" in line and "3" in line
+
+
+def test_invalid_option_values(tmp_path, base_ckpt):
+    for extra, needle in ((["--criterion", "taylor"], "unknown criterion 'taylor'"), (["--alpha", "1.5"], "--alpha"),
+                          (["--emphasis-mode", "x"], "emphasis mode"), (["--round-to", "0"], "--round-to")):
+        line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", "0.5", *extra, cwd=tmp_path))
+        assert needle in line
+    line = _one_error_line(run_papm("train", "--dataset", "digits", "--device", "tpu", "--out", "x.pt", cwd=tmp_path))
+    assert "unknown device 'tpu'" in line
