@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--out", default="pruned.pt", help="pruned checkpoint; the report goes beside it as <name>.json")
     _add_common(p)
+
+    g = sub.add_parser("groups", help="group the classes for K devices by how they co-vary in the model's outputs")
+    g.add_argument("checkpoint", help="base checkpoint from `papm train`")
+    _add_data_args(g, required=False)
+    g.add_argument("--out", default="groups", help="report folder (groups.csv, groups.json, similarity.png, report.html)")
+    g.add_argument("--similarity", default="correlation", help="correlation (default), cosine, covariance or confusion")
+    g.add_argument("--outputs", default="softmax", help="class-mean softmax (default) or logits vectors")
+    g.add_argument("--balanced", action="store_true", help="group sizes differ by at most one (equal work per device)")
+    g.add_argument("--split", default="train", help="train (default) or val: where the statistics are computed (never test)")
+    g.add_argument("--k", type=int, default=None, help="highlight this K (the number of devices) in the report")
+    _add_common(g)
     return parser
 
 
@@ -166,7 +177,40 @@ def cmd_prune(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune}
+def cmd_groups(args) -> int:
+    from papm.deploy.group_report import REPORT_FILES, terminal_table, write_group_report
+    from papm.deploy.grouping import SIMILARITIES, analyse_stats, check_k
+    from papm.shared.checkpoint import load_checkpoint
+    from papm.shared.class_stats import compute_class_stats
+    from papm.shared.datasets import load_dataset_like
+    from papm.shared.errors import PapmError
+    from papm.shared.files import refuse_existing
+    from papm.shared.training import resolve_device
+
+    if args.similarity not in SIMILARITIES:
+        raise PapmError(f"unknown similarity {args.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+    if args.outputs not in ("softmax", "logits"):
+        raise PapmError(f"unknown outputs {args.outputs!r}; choose softmax or logits")
+    if args.split not in ("train", "val"):
+        raise PapmError(f"--split must be train or val (statistics never use the test split), got {args.split!r}")
+    out = Path(args.out)
+    refuse_existing(*(out / f for f in REPORT_FILES), force=args.force)
+    device = resolve_device(args.device)
+    model, info, _ = load_checkpoint(args.checkpoint)
+    if args.k is not None:
+        check_k(args.k, info.num_classes)
+    splits = load_dataset_like(info, args.dataset, args.data_root, args.download)
+    data = splits.train if args.split == "train" else splits.val
+    stats = compute_class_stats(model, data, info, device)
+    analysis = analyse_stats(stats, info.class_names, args.similarity, args.outputs, args.balanced)
+    analysis.extra.update({"checkpoint": str(args.checkpoint), "split": args.split})
+    write_group_report(out, analysis, {"chosen_k": args.k} if args.k else None)
+    print(terminal_table(analysis, max_k=12))
+    print(f"report: {(out / 'report.html').resolve()}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups}
 
 
 def main(argv: list[str] | None = None) -> int:

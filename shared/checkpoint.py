@@ -90,3 +90,36 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         first = str(e).strip().splitlines()[0]
         raise PapmError(f"{path}: weights do not match its architecture ({first}); the file is damaged, re-create it") from None
     return model.to(device).eval(), DatasetInfo.from_dict(ckpt["data"]), ckpt
+
+
+HEAD_FORMAT = "papm-fusion-head"
+
+
+def save_head(path: Path | str, head: nn.Module, head_args: dict, info: DatasetInfo, meta: dict | None = None) -> Path:
+    """Fusion head checkpoint: ``head_args`` rebuild it; ``meta`` names the device order."""
+    payload = {"format": HEAD_FORMAT, "version": VERSION, "head_args": head_args, "data": info.to_dict(),
+               "state_dict": {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, "meta": meta or {}}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_head(path: Path | str):
+    """(head in eval mode, dataset info, raw dict); errors as for model checkpoints."""
+    from .fusion import build_head
+
+    path = Path(path)
+    if not path.is_file():
+        raise PapmError(f"fusion head not found: {path}; it is written by the fusion phase of `papm simulate`")
+    if not zipfile.is_zipfile(path):
+        raise PapmError(f"{path} is not a readable fusion head (truncated or corrupt); re-run the fusion phase")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PapmError(f"{path} is not a safe fusion head ({first[:120]}); re-run the fusion phase") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != HEAD_FORMAT or ckpt.get("version") != VERSION:
+        raise PapmError(f"{path} is not a PAPM fusion head (format {HEAD_FORMAT} v{VERSION}); re-run the fusion phase")
+    head = build_head(ckpt["head_args"])
+    head.load_state_dict(ckpt["state_dict"])
+    return head.eval(), DatasetInfo.from_dict(ckpt["data"]), ckpt

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from .errors import PapmError
+from .images import IMAGE_SUFFIXES, load_image
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 DIGITS_TEST_SEED = 20240501  # fixed: the digits test split must never move
 DIGITS_TEST_FRACTION = 0.2
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass
@@ -141,25 +141,6 @@ def _load_cifar10(root: Path, download: bool):
         np.asarray(test.targets, dtype=np.int64),
         list(train.classes),
     )
-
-
-def load_image(path: Path, in_channels: int, image_size: int) -> np.ndarray:
-    """One image file -> uint8 C x S x S: resize the short side to S, centre-crop."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if in_channels == 1 else "RGB")
-            w, h = im.size
-            scale = image_size / min(w, h)
-            nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-            im = im.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - image_size) // 2, (nh - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-            a = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise PapmError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _load_imagefolder(root: Path, in_channels: int, image_size: int):

@@ -1,0 +1,125 @@
+"""The fusion head over frozen pruned extractors, and the split model it completes.
+
+At inference every device runs its extractor (``ResNet18.features``) on the same
+input; the features are concatenated in device order and the head turns them into
+logits. The head's first step standardises the concatenated features with a fixed
+mean/std held as buffers: training and the exported ONNX head do exactly the same
+thing, so they cannot drift apart. Mean and std come from sums (sum, sum of
+squares, count) that aggregate exactly across clients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import PapmError
+
+HEAD_KIND = "fusion-mlp"
+
+
+def head_args(feature_dims: Sequence[int], num_classes: int, hidden: int = 128) -> dict[str, Any]:
+    return {"kind": HEAD_KIND, "feature_dims": [int(d) for d in feature_dims], "num_classes": int(num_classes), "hidden": int(hidden)}
+
+
+class FusionHead(nn.Module):
+    """(B, sum(feature_dims)) concatenated features -> (B, num_classes) logits."""
+
+    def __init__(self, feature_dims: Sequence[int], num_classes: int, hidden: int = 128):
+        super().__init__()
+        if not feature_dims or min(feature_dims) < 1:
+            raise PapmError(f"fusion head needs at least one part with features, got dims {list(feature_dims)}")
+        self.feature_dims = [int(d) for d in feature_dims]
+        total = sum(self.feature_dims)
+        self.register_buffer("mean", torch.zeros(total))
+        self.register_buffer("std", torch.ones(total))
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(total, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        else:
+            self.net = nn.Sequential(nn.Linear(total, num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features - self.mean) / self.std)
+
+    @torch.no_grad()
+    def set_normalisation(self, total: torch.Tensor, total_sq: torch.Tensor, count: int) -> None:
+        """Set mean/std from feature sums (which add up across clients)."""
+        if count < 2:
+            raise PapmError("feature normalisation needs at least 2 samples")
+        mean = total.double() / count
+        var = (total_sq.double() / count - mean * mean).clamp_min(0.0) * count / (count - 1)
+        self.mean.copy_(mean.float())
+        self.std.copy_(var.sqrt().clamp_min(1e-4).float())
+
+
+def build_head(args: dict[str, Any]) -> FusionHead:
+    if args.get("kind") != HEAD_KIND:
+        raise PapmError(f"unknown fusion head kind {args.get('kind')!r}; this version builds {HEAD_KIND!r}")
+    return FusionHead(args["feature_dims"], args["num_classes"], args["hidden"])
+
+
+def feature_sums(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(sum, sum of squares, count) of a (N, D) feature matrix, in float64."""
+    f = features.double()
+    return f.sum(0), (f * f).sum(0), int(f.shape[0])
+
+
+class SplitModel(nn.Module):
+    """Extractors (one per device, frozen) + fusion head: the whole split model in PyTorch."""
+
+    def __init__(self, extractors: Sequence[nn.Module], head: FusionHead):
+        super().__init__()
+        self.extractors = nn.ModuleList(extractors)
+        self.head = head
+
+    def part_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [e.features(x) for e in self.extractors]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat(self.part_features(x), dim=1))
+
+
+def fit_head(
+    head: FusionHead,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train the head in place on precomputed (frozen-extractor) features with Adam.
+
+    Used for local training on one node (then FedAvg across nodes) and centrally.
+    The standardisation buffers are not trained: set them first (``set_normalisation``).
+    """
+    if len(labels) == 0:
+        raise PapmError("no features to train the fusion head on")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.net.parameters(), lr=lr, weight_decay=weight_decay)
+    head.train()
+    n, loss_sum, seen = len(labels), 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            loss = nn.functional.cross_entropy(head(features[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    head.eval()
+    with torch.no_grad():
+        acc = float((head(features).argmax(1) == labels).float().mean())
+    return {"loss": loss_sum / max(1, seen), "train_accuracy": acc}
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Pooled features of normalised inputs ``x`` (float, N x C x H x W), in order."""
+    extractor.eval()
+    return torch.cat([extractor.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
