@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="train", help="train (default) or val: where the statistics are computed (never test)")
     g.add_argument("--k", type=int, default=None, help="highlight this K (the number of devices) in the report")
     _add_common(g)
+
+    s = sub.add_parser("simulate", help="a whole federated run on this machine (Flower simulation)")
+    s.add_argument("--config", default=None, help="TOML or YAML file with run config keys")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
+    s.add_argument("--run-dir", default=None, help="run directory (default runs/demo)")
+    s.add_argument("--resume", action="store_true", help="continue a run after its last completed phase")
+    s.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
+    s.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     return parser
 
 
@@ -210,7 +218,37 @@ def cmd_groups(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups}
+def resolve_run_config(args):
+    """Defaults <- --config file <- --set overrides <- --run-dir."""
+    from papm.shared.config import RunConfig
+
+    cfg = RunConfig()
+    if args.config:
+        cfg = RunConfig.from_file(args.config, cfg)
+    cfg = RunConfig.from_overrides(args.set, cfg)
+    if args.run_dir:
+        cfg = RunConfig.from_mapping({"run-dir": args.run_dir}, cfg)
+    return cfg
+
+
+def cmd_simulate(args) -> int:
+    cfg = resolve_run_config(args)
+    if args.show_config:
+        for k, v in cfg.to_flower().items():
+            print(f"{k} = {json.dumps(v)}")
+        return 0
+    from papm.simulations.simulate import simulate
+
+    print(f"papm simulate: {cfg.dataset}, {cfg.nodes} nodes, K={cfg.devices} devices, budget {cfg.budget:g} -> {cfg.run_dir}")
+    run_dir = simulate(cfg, resume=args.resume, force=args.force)
+    summary = run_dir / "summary.md"
+    if summary.exists() and not cfg.stop_after:
+        print(summary.read_text())
+    print(f"run directory: {run_dir}  (group report: {run_dir / 'groups' / 'report.html'})")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,9 @@ def base_ckpt(tmp_path_factory, digits):
     return path
 
 
-def run_papm(*args, cwd=None):
+def run_papm(*args, cwd=None, env=None):
     """Run the installed CLI in a subprocess; returns CompletedProcess (text)."""
-    return subprocess.run([sys.executable, "-m", "papm.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "papm.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def write_imagefolder_for_cli(root, digits, classes=(0, 1, 2), per_class=4):

@@ -1,0 +1,79 @@
+"""summary.md and summary.csv: what a user reads after a run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from papm.shared.config import RunConfig
+from papm.shared.datasets import DatasetInfo
+from papm.shared.files import atomic_write_text
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
+    base, fusion, fed = ev["base"], ev["fusion"], ev["federated"]
+    lines = [
+        f"# PAPM-FL run: {Path(cfg.run_dir).name}",
+        "",
+        f"{info.name}, {info.num_classes} classes, {cfg.nodes} nodes, K={cfg.devices} devices, budget {cfg.budget:g} "
+        f"({cfg.criterion}, alpha={cfg.alpha:g}), width {cfg.width:g}; test split: {ev['test_samples']} samples.",
+        "",
+        "## Accuracy",
+        "",
+        "| model | params | server test accuracy | federated accuracy (nodes' local splits) |",
+        "|---|---:|---:|---:|",
+        f"| baseline (unsplit base model) | {base['params']:,} | {_pct(base['accuracy'])} | {_pct(fed['base_accuracy'])} |",
+        f"| fusion (K pruned extractors + head) | {fusion['params']:,} | {_pct(fusion['accuracy'])} | {_pct(fed['fusion_accuracy'])} |",
+        "",
+        "## Devices",
+        "",
+        "| device | classes | params | reduction | MACs | checkpoint bytes | accuracy (all classes) | accuracy (its classes) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in ev["devices"]:
+        lines.append(f"| {d['device']} | {' '.join(d['class_names'])} | {d['params_after']:,} | {d['reduction']:.4f} | "
+                     f"{d['macs_after']:,} | {d['bytes']:,} | {_pct(d['test_accuracy']['all'])} | {_pct(d['test_accuracy']['group'])} |")
+    lines += ["", "## Per-class test accuracy", "", "| class | baseline | fusion |", "|---|---:|---:|"]
+    for name in info.class_names:
+        lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} |")
+    lines += ["", "## What happened", ""]
+    if ev["failures"]:
+        for f in ev["failures"]:
+            lines.append(f"- phase {f['phase']}: node with partition-id {f['partition_id']} failed ({f['reason']}); "
+                         "the run went on without it")
+    else:
+        lines.append("- every node answered in every phase")
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(info: DatasetInfo, ev: dict) -> list[dict]:
+    rows = [
+        {"row": "accuracy", "name": "baseline", "params": ev["base"]["params"], "test_accuracy": ev["base"]["accuracy"],
+         "federated_accuracy": ev["federated"]["base_accuracy"], "group_accuracy": "", "bytes": "", "macs": ""},
+        {"row": "accuracy", "name": "fusion", "params": ev["fusion"]["params"], "test_accuracy": ev["fusion"]["accuracy"],
+         "federated_accuracy": ev["federated"]["fusion_accuracy"], "group_accuracy": "", "bytes": "", "macs": ""},
+    ]
+    for d in ev["devices"]:
+        rows.append({"row": "device", "name": f"device-{d['device']}:" + " ".join(d["class_names"]), "params": d["params_after"],
+                     "test_accuracy": d["test_accuracy"]["all"], "federated_accuracy": "", "group_accuracy": d["test_accuracy"]["group"],
+                     "bytes": d["bytes"], "macs": d["macs_after"]})
+    for name in info.class_names:
+        rows.append({"row": "class", "name": name, "params": "", "test_accuracy": ev["fusion"]["per_class"].get(name),
+                     "federated_accuracy": "", "group_accuracy": ev["base"]["per_class"].get(name), "bytes": "", "macs": ""})
+    return rows
+
+
+def write_summary(run_dir: Path, cfg: RunConfig, info: DatasetInfo, ev: dict) -> None:
+    atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, info, ev))
+    rows = summary_rows(info, ev)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(run_dir / "summary.csv", buf.getvalue())

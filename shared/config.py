@@ -1,0 +1,209 @@
+"""The one run configuration: a typed dataclass filled from a TOML/YAML file,
+``--set key=value`` and Flower's run config (``[tool.flwr.app.config]``).
+
+Keys are kebab-case everywhere users see them (``base-epochs``), as in Flower's
+run config; unknown keys and wrong types are rejected by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import PapmError
+
+# Config keys that do not change what a run computes (a resumed run may change them).
+RUNTIME_ONLY = ("run-dir", "device", "timeout", "stop-after", "progress", "node-timeout")
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "digits"
+    data_root: str = ""
+    val_fraction: float = 0.1
+    partitioner: str = "iid"  # iid | dirichlet | by-group
+    dirichlet_alpha: float = 0.5
+    by_group_share: float = 0.8
+    seed: int = 0
+    # nodes and devices
+    nodes: int = 3
+    devices: int = 3  # K: the number of device groups
+    # phase 0: base model (FedAvg unless base-checkpoint is given)
+    base_checkpoint: str = ""
+    width: float = 0.25
+    base_rounds: int = 5
+    base_epochs: int = 3  # local epochs per round
+    base_lr: float = 0.05
+    batch_size: int = 128
+    # phase 1: grouping
+    similarity: str = "correlation"
+    outputs: str = "softmax"
+    balanced: bool = True
+    # phase 3: prune + fine-tune
+    budget: float = 0.77
+    criterion: str = "papm"
+    alpha: float = 0.5
+    round_to: int = 1
+    apoz_samples: int = 2048
+    finetune_rounds: int = 1
+    finetune_epochs: int = 5  # local epochs per round
+    finetune_lr: float = 0.02
+    emphasis: float = 4.0
+    emphasis_mode: str = "loss"
+    kd: bool = False
+    # phase 4: export
+    int8: bool = False
+    # phase 5: fusion head
+    fusion_rounds: int = 5
+    fusion_epochs: int = 5  # local epochs per round
+    fusion_lr: float = 0.003
+    fusion_hidden: int = 128
+    # runtime
+    run_dir: str = "runs/demo"
+    device: str = "auto"
+    timeout: float = 600.0  # seconds to wait for the replies of one exchange
+    stop_after: str = ""  # stop after this phase (resume later with --resume)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: "RunConfig | None" = None, source: str = "config") -> "RunConfig":
+        """Apply ``values`` (kebab- or snake-case keys) over ``base`` (defaults if None), checking names and types."""
+        cfg = RunConfig(**asdict(base)) if base is not None else cls()
+        types = {f.name: f.type for f in fields(cls)}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in types:
+                raise PapmError(f"unknown {source} key {key!r}; valid keys: {', '.join(cls.keys())}")
+            setattr(cfg, name, _coerce(key, value, types[name], source))
+        return cfg.validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path, base: "RunConfig | None" = None) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise PapmError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                import tomllib
+
+                data = tomllib.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PapmError(f"cannot parse config file {path}: {first}") from None
+        if not isinstance(data, dict):
+            raise PapmError(f"config file {path} must hold a table of key = value pairs")
+        # allow the pyproject-style nesting [tool.flwr.app.config] or a [papm] table
+        for nest in (("tool", "flwr", "app", "config"), ("papm",)):
+            d = data
+            for k in nest:
+                d = d.get(k, {}) if isinstance(d, dict) else {}
+            if d:
+                data = d
+                break
+        return cls.from_mapping(data, base, source=f"config file {path.name}")
+
+    @classmethod
+    def from_overrides(cls, items: list[str], base: "RunConfig | None" = None) -> "RunConfig":
+        """``["devices=5", "kd=true"]`` -> config (values parsed by the field's type)."""
+        values = {}
+        for item in items:
+            if "=" not in item:
+                raise PapmError(f"--set expects key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            values[k.strip()] = v.strip()
+        return cls.from_mapping(values, base, source="--set")
+
+    # ---- checks and forms -----------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise PapmError(msg)
+
+        need(self.dataset in ("digits", "cifar10", "imagefolder"), f"dataset must be digits, cifar10 or imagefolder, got {self.dataset!r}")
+        need(self.partitioner in ("iid", "dirichlet", "by-group"), f"partitioner must be iid, dirichlet or by-group, got {self.partitioner!r}")
+        need(self.nodes >= 1, f"nodes must be >= 1, got {self.nodes}")
+        need(self.devices >= 2, f"devices (K) must be >= 2, got {self.devices}")
+        need(self.nodes >= self.devices, f"nodes ({self.nodes}) must be >= devices ({self.devices}): every device group needs a node")
+        need(0.0 < self.budget < 1.0, f"budget must be in (0, 1) (the fraction of parameters to remove), got {self.budget}")
+        need(self.criterion in ("papm", "l1", "apoz", "random"), f"criterion must be papm, l1, apoz or random, got {self.criterion!r}")
+        need(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        need(self.similarity in ("correlation", "cosine", "covariance", "confusion"),
+             f"similarity must be correlation, cosine, covariance or confusion, got {self.similarity!r}")
+        need(self.outputs in ("softmax", "logits"), f"outputs must be softmax or logits, got {self.outputs!r}")
+        need(self.emphasis_mode in ("loss", "sampling"), f"emphasis-mode must be loss or sampling, got {self.emphasis_mode!r}")
+        need(self.width > 0, f"width must be > 0, got {self.width}")
+        for name in ("base_rounds", "base_epochs", "finetune_rounds", "fusion_rounds", "fusion_epochs"):
+            need(getattr(self, name) >= (0 if name == "base_epochs" else 1), f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.finetune_epochs >= 0, f"finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        need(self.round_to >= 1, f"round-to must be >= 1, got {self.round_to}")
+        need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
+        need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
+        need(0.0 <= self.val_fraction < 0.5, f"val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        need(self.stop_after in ("",) + PHASES, f"stop-after must be one of {', '.join(PHASES)}, got {self.stop_after!r}")
+        return self
+
+    def to_flower(self) -> dict[str, Any]:
+        """Flat kebab-case dict of scalars (a Flower run config / ConfigRecord)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def fingerprint(self) -> str:
+        """Hash of what the run computes (runtime-only keys excluded)."""
+        d = {k: v for k, v in self.to_flower().items() if k not in RUNTIME_ONLY}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        a, b = self.to_flower(), other.to_flower()
+        return [k for k in a if k not in RUNTIME_ONLY and a[k] != b[k]]
+
+
+PHASES = ("base", "statistics", "assignment", "prune", "export", "fusion", "evaluation")
+
+
+def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise PapmError(f"{source} key {key!r} must be true or false, got {value!r}")
+    if typ == "int":
+        if isinstance(value, bool):
+            raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}")
+    if typ == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise PapmError(f"{source} key {key!r} must be a number, got {value!r}")
+    if typ == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise PapmError(f"{source} key {key!r} must be a string, got {value!r}")
+    raise PapmError(f"{source} key {key!r} has unsupported type {typ}")

@@ -1,0 +1,53 @@
+"""The local data of one node: its partition of the training and validation splits.
+
+In simulation every node reads the same dataset and keeps its own partition
+(seeded, so nodes agree without talking). On a real SuperNode the node config's
+``data-root`` points at the device's own ImageFolder tree and the node keeps all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .config import RunConfig
+from .datasets import DataSplits, DatasetInfo, ImageSet, load_dataset
+from .errors import PapmError
+from .partition import partition
+
+
+@dataclass
+class NodeData:
+    info: DatasetInfo  # class names, image size; mean/std here are local, the run's come from the server
+    train: ImageSet
+    val: ImageSet  # the node's local evaluation split
+
+
+@lru_cache(maxsize=4)
+def _dataset(name: str, root: str, split_seed: int, val_fraction: float) -> DataSplits:
+    return load_dataset(name, root or None, split_seed=split_seed, val_fraction=val_fraction)
+
+
+def load_node_data(cfg: RunConfig, partition_id: int, num_partitions: int, own_data_root: str = "") -> NodeData:
+    """This node's data. ``own_data_root`` (node config ``data-root``): the device's own tree, used whole."""
+    if own_data_root:
+        splits = _dataset("imagefolder", own_data_root, cfg.seed, cfg.val_fraction)
+        return NodeData(splits.info, splits.train, splits.val)
+    if not 0 <= partition_id < num_partitions:
+        raise PapmError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; fix the node config")
+    splits = _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction)
+    groups = None
+    if cfg.partitioner == "by-group":
+        # Before grouping exists, "by-group" data follows contiguous class blocks, one per device group.
+        groups = [list(b) for b in np.array_split(np.arange(splits.info.num_classes), cfg.devices)]
+    kw = dict(seed=cfg.seed, alpha=cfg.dirichlet_alpha, groups=groups, share=cfg.by_group_share)
+    train_parts = partition(splits.train.y.numpy(), num_partitions, cfg.partitioner, **kw)
+    val_parts = partition(splits.val.y.numpy(), num_partitions, cfg.partitioner, **{**kw, "seed": cfg.seed + 1})
+    return NodeData(splits.info, splits.train.subset(train_parts[partition_id]), splits.val.subset(val_parts[partition_id]))
+
+
+def server_test_split(cfg: RunConfig) -> DataSplits:
+    """The held-out test split the server evaluates on (never a node's data)."""
+    return _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction)

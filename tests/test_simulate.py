@@ -1,0 +1,71 @@
+"""The federated run in Flower's simulation engine: the default demo, resume, refusals."""
+
+import csv
+import json
+
+import pytest
+
+from papm.shared.checkpoint import load_checkpoint
+from papm.shared.config import PHASES
+
+from conftest import run_papm
+
+
+def _phase_lines(run, phase):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["phase"] == phase]
+
+
+def test_default_demo_end_to_end(tmp_path):
+    r = run_papm("simulate", "--run-dir", tmp_path / "demo", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "demo"
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed"] == list(PHASES)
+    for f in ("config.json", "base.pt", "class_stats.pt", "groups/groups.csv", "groups/report.html", "groups/assignment.json",
+              "fusion/head.pt", "metrics.jsonl", "summary.md", "summary.csv", "evaluation.json"):
+        assert (run / f).exists(), f
+    assignment = json.loads((run / "groups" / "assignment.json").read_text())
+    assert assignment["k"] == 3 and sorted(int(p) for p in assignment["nodes"]) == [0, 1, 2]
+    classes = sorted(c for g in assignment["groups"].values() for c in g["classes"])
+    assert classes == list(range(10))
+    for k in range(3):
+        report = json.loads((run / "devices" / f"device-{k}" / "prune.json").read_text())
+        model, _, ckpt = load_checkpoint(run / "devices" / f"device-{k}" / "pruned.pt")
+        assert abs(report["reduction"] - 0.77) <= 0.01
+        assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+        assert ckpt["meta"]["classes"] == assignment["groups"][str(k)]["classes"]
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["base"]["accuracy"] > 0.9 and ev["fusion"]["accuracy"] > 0.9
+    assert ev["federated"]["nodes"] == 3 and ev["federated"]["samples"] > 0
+    summary = (run / "summary.md").read_text()
+    assert "baseline (unsplit base model)" in summary and "fusion (K pruned extractors + head)" in summary
+    assert "| fusion" in r.stdout and "| baseline" in r.stdout  # the results table is printed
+    rows = list(csv.DictReader(open(run / "summary.csv")))
+    assert {r["name"] for r in rows if r["row"] == "accuracy"} == {"baseline", "fusion"}
+    assert len(_phase_lines(run, "base")) == 5 and len(_phase_lines(run, "fusion")) == 5
+    # the same run dir is refused without --resume, and an earlier run is not touched
+    before = (run / "base.pt").stat().st_mtime_ns
+    r = run_papm("simulate", "--run-dir", run, cwd=tmp_path)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (run / "base.pt").stat().st_mtime_ns == before
+
+
+def test_resume_after_a_phase_does_not_recompute_it(tmp_path):
+    run = tmp_path / "r"
+    fast = ["--set", "base-rounds=2", "--set", "fusion-rounds=2", "--set", "nodes=3", "--set", "devices=2"]
+    r = run_papm("simulate", *fast, "--set", "stop-after=assignment", "--run-dir", run, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["completed"] == ["base", "statistics", "assignment"]
+    assert not (run / "devices").exists()
+    stamps = {f: (run / f).stat().st_mtime_ns for f in ("base.pt", "class_stats.pt", "groups/assignment.json")}
+    # a different config is refused
+    r = run_papm("simulate", *fast, "--set", "budget=0.5", "--run-dir", run, "--resume", cwd=tmp_path)
+    assert r.returncode == 2 and "budget" in r.stderr and "different config" in r.stderr
+    r = run_papm("simulate", *fast, "--run-dir", run, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["completed"] == list(PHASES)
+    for f, t in stamps.items():
+        assert (run / f).stat().st_mtime_ns == t, f"{f} was recomputed"
+    assert len(_phase_lines(run, "base")) == 2  # base rounds ran once
+    assert len(_phase_lines(run, "statistics")) == 1
+    assert (run / "summary.md").exists()
