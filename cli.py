@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue a run after its last completed phase")
     s.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
     s.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+
+    # torch-free modules (export_cli imports torch only inside run_export)
+    from papm.deploy.edge_cli import add_bench_parser, add_infer_parser
+    from papm.export.export_cli import add_export_parser
+
+    add_export_parser(sub)
+    add_infer_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -248,7 +256,26 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate}
+def cmd_export(args) -> int:
+    from papm.export.export_cli import run_export
+
+    return run_export(args)
+
+
+def cmd_infer(args) -> int:
+    from papm.deploy.edge_cli import run_infer
+
+    return run_infer(args)
+
+
+def cmd_bench(args) -> int:
+    from papm.deploy.edge_cli import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
+            "export": cmd_export, "infer": cmd_infer, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ attributed to the node, and reported by its ``partition-id``.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,15 @@ from flwr.serverapp import Grid
 from papm.shared.errors import PapmError
 
 PULL_INTERVAL = 0.1
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """One line from a node's error (simulation errors carry a whole remote traceback)."""
+    text = str(reason)
+    found = re.findall(r"Message: (.+?)(?:'>|$)", text, flags=re.S)
+    line = found[-1] if found else next((ln for ln in reversed(text.splitlines()) if ln.strip()), text)
+    line = " ".join(line.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class NodeFailure(PapmError):
@@ -45,7 +55,7 @@ def exchange(grid: Grid, requests: dict[int, RecordDict], message_type: str, tim
             if node is None:
                 continue
             if reply.has_error():
-                result.failed[node] = f"error {reply.error.code}: {reply.error.reason}"
+                result.failed[node] = f"error {reply.error.code}: {short_reason(reply.error.reason)}"
             else:
                 result.replies[node] = reply
         if pending:

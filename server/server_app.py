@@ -262,6 +262,7 @@ class PapmRun:
                     if n in replies:
                         counts[g] = counts[g] + ActivationCounts.from_arrays(
                             {k: torch.from_numpy(np.array(v.numpy())) for k, v in replies[n]["counts"].items()})
+            self.group_nodes()  # a group whose every node failed just now stops the run here
         models, args = {}, {}
         for g in range(len(groups)):
             model = copy.deepcopy(self.base).cpu()
@@ -314,14 +315,21 @@ class PapmRun:
 
     # phase 4
     def phase_export(self) -> None:
-        # Until the ONNX export lands here, the PyTorch extractors are the export: check each
-        # one rebuilds from its checkpoint and yields its features, and record them.
-        x = torch.zeros(2, self.info.in_channels, self.info.image_size, self.info.image_size)
+        """Each pruned extractor to ONNX (dynamic batch), checked against PyTorch on the same inputs.
+
+        The held-out test images (and random inputs) drive the parity check only; nothing is fitted on them.
+        """
+        from papm.export.onnx_export import export_part, parity_inputs
+        from papm.shared.datasets import normalise
+
+        x = parity_inputs(normalise(self.test_split().x, self.info), n=64, seed=self.cfg.seed)
         parts = []
         for g, e in enumerate(self.extractors()):
-            with torch.no_grad():
-                dim = int(e.features(x).shape[1])
-            parts.append({"device": g, "file": f"devices/device-{g}/pruned.pt", "feature_dim": dim, "format": "pytorch"})
+            rel = f"devices/device-{g}/extractor.onnx"
+            report = export_part(e, self.rd.path / rel, x)
+            parts.append({"device": g, "file": rel, "feature_dim": int(report["output_shape"][0]),
+                          "max_abs_diff": report["max_abs_diff"], "tolerance": report["tolerance"]})
+            self.rd.log_metrics("export", device=g, max_abs_diff=report["max_abs_diff"])
         atomic_write_json(self.rd.path / "devices" / "extractors.json", {"parts": parts})
 
     def load_export(self) -> None:
@@ -407,6 +415,13 @@ class PapmRun:
             "devices": devices,
             "failures": self.failures + [f for f in self.rd.state().get("failures", []) if f not in self.failures],
         }
+        # The edge bundle: parts + fusion head + base model, checksummed (and INT8 when int8=true),
+        # with the test accuracy measured through ONNX Runtime as the devices will run it.
+        from papm.export.onnx_export import export_run
+
+        bundle = export_run(self.rd.path, int8=self.cfg.int8, force=True, log=lambda line: log(INFO, "%s", line))
+        evaluation["bundle"] = {"path": "bundle", "accuracy": bundle["accuracy"],
+                                "max_abs_diff": max(r["max_abs_diff"] for r in bundle["parity"])}
         atomic_write_json(self.rd.path / "evaluation.json", evaluation)
         write_summary(self.rd.path, self.cfg, self.info, evaluation)
         self.rd.log_metrics("evaluation", base_accuracy=base_eval["accuracy"], fusion_accuracy=fusion_eval["accuracy"],

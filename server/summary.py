@@ -39,6 +39,14 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
     for d in ev["devices"]:
         lines.append(f"| {d['device']} | {' '.join(d['class_names'])} | {d['params_after']:,} | {d['reduction']:.4f} | "
                      f"{d['macs_after']:,} | {d['bytes']:,} | {_pct(d['test_accuracy']['all'])} | {_pct(d['test_accuracy']['group'])} |")
+    if "bundle" in ev:
+        acc = ev["bundle"]["accuracy"]
+        lines += ["", "## Edge bundle (ONNX Runtime, test split)", "",
+                  f"`bundle/` (manifest.json with sha256 of every file; PyTorch vs ONNX max |diff| {ev['bundle']['max_abs_diff']:.2e}).", "",
+                  "| precision | split model | unsplit base |", "|---|---:|---:|"]
+        for precision in ("fp32", "int8"):
+            if precision in acc:
+                lines.append(f"| {precision} | {_pct(acc[precision]['split'])} | {_pct(acc[precision]['base'])} |")
     lines += ["", "## Per-class test accuracy", "", "| class | baseline | fusion |", "|---|---:|---:|"]
     for name in info.class_names:
         lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} |")
@@ -53,19 +61,21 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
 
 
 def summary_rows(info: DatasetInfo, ev: dict) -> list[dict]:
+    blank = {"params": "", "baseline_accuracy": "", "fusion_accuracy": "", "federated_accuracy": "", "group_accuracy": "",
+             "bytes": "", "macs": ""}
     rows = [
-        {"row": "accuracy", "name": "baseline", "params": ev["base"]["params"], "test_accuracy": ev["base"]["accuracy"],
-         "federated_accuracy": ev["federated"]["base_accuracy"], "group_accuracy": "", "bytes": "", "macs": ""},
-        {"row": "accuracy", "name": "fusion", "params": ev["fusion"]["params"], "test_accuracy": ev["fusion"]["accuracy"],
-         "federated_accuracy": ev["federated"]["fusion_accuracy"], "group_accuracy": "", "bytes": "", "macs": ""},
+        {"row": "accuracy", "name": "baseline", **blank, "params": ev["base"]["params"], "baseline_accuracy": ev["base"]["accuracy"],
+         "federated_accuracy": ev["federated"]["base_accuracy"]},
+        {"row": "accuracy", "name": "fusion", **blank, "params": ev["fusion"]["params"], "fusion_accuracy": ev["fusion"]["accuracy"],
+         "federated_accuracy": ev["federated"]["fusion_accuracy"]},
     ]
-    for d in ev["devices"]:
-        rows.append({"row": "device", "name": f"device-{d['device']}:" + " ".join(d["class_names"]), "params": d["params_after"],
-                     "test_accuracy": d["test_accuracy"]["all"], "federated_accuracy": "", "group_accuracy": d["test_accuracy"]["group"],
-                     "bytes": d["bytes"], "macs": d["macs_after"]})
+    for d in ev["devices"]:  # a device's own model alone: all classes, and its group's classes
+        rows.append({"row": "device", "name": f"device-{d['device']}:" + " ".join(d["class_names"]), **blank,
+                     "params": d["params_after"], "fusion_accuracy": d["test_accuracy"]["all"],
+                     "group_accuracy": d["test_accuracy"]["group"], "bytes": d["bytes"], "macs": d["macs_after"]})
     for name in info.class_names:
-        rows.append({"row": "class", "name": name, "params": "", "test_accuracy": ev["fusion"]["per_class"].get(name),
-                     "federated_accuracy": "", "group_accuracy": ev["base"]["per_class"].get(name), "bytes": "", "macs": ""})
+        rows.append({"row": "class", "name": name, **blank, "baseline_accuracy": ev["base"]["per_class"].get(name),
+                     "fusion_accuracy": ev["fusion"]["per_class"].get(name)})
     return rows
 
 

@@ -1,0 +1,327 @@
+"""`papm infer` and `papm bench`: the edge commands. Torch-free (numpy, onnxruntime, Pillow, cryptography).
+
+    papm infer BUNDLE a.png b.jpg                 top-k predictions of the split model
+    papm infer BUNDLE images/ --json              a folder, JSON lines
+    papm infer BUNDLE --part 2 x.png --out f2.npy one device computes only its features
+    papm infer BUNDLE --fuse f0.npy f1.npy ...    the coordinator finishes from feature files
+    papm bench BUNDLE [--test-dir DIR|x.npz]      latency, throughput, size, accuracy; bench.csv + bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from papm.shared.errors import PapmError
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _add_bundle_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
+    p.add_argument("bundle", help="bundle folder from `papm export` (manifest.json + ONNX files)")
+    p.add_argument("--verify-key", default=None, help="Ed25519 public key (PEM): refuse unsigned or altered bundles")
+    if precision:
+        p.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="part precision (the head runs fp32)")
+    p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+class _Intermixed:
+    """Lets images follow options (`infer B --part 2 x.png --out f.npy`): a `nargs="*"` positional
+    is otherwise consumed (empty) before the first option and later images are rejected.
+    Mixed into the subparser's own class, so it works under any top-level parser (cli.py's)."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def add_infer_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("infer", help="split inference with ONNX Runtime (no torch): images -> top-k classes")
+    p.__class__ = type("IntermixedParser", (_Intermixed, type(p)), {})
+    _add_bundle_args(p)
+    p.add_argument("inputs", nargs="*", help="image files and/or folders of images")
+    p.add_argument("--top-k", type=_positive, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--part", type=int, default=None, help="run only this part (device) and write its features with --out")
+    p.add_argument("--out", default=None, help="with --part: .npy file for the (N, D) features")
+    p.add_argument("--fuse", nargs="+", default=None, metavar="FEATURES.npy",
+                   help="finish from per-part feature files (one per part, in part order)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--force", action="store_true", help="with --part: overwrite --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="latency / throughput / size / accuracy of the base model, each part and the split model")
+    _add_bundle_args(p, precision=False)  # bench measures every precision the bundle has
+    p.add_argument("--test-dir", default=None, help="test data: an ImageFolder-style folder (<class>/ or test/<class>/) or an .npz (x, y)")
+    p.add_argument("--runs", type=_positive, default=50, help="timed batch-1 runs per model (after warm-up)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    p.add_argument("--batch", type=_positive, default=64, help="batch size for throughput")
+    p.add_argument("--out", default=None, help="folder for bench.csv and bench.md (default: the bundle)")
+    return p
+
+
+def _print_line(text: str) -> None:
+    print(text, flush=True)
+
+
+def _format_top(top: list[dict]) -> str:
+    return "  ".join(f"{t['class']} {t['prob']:.3f}" for t in top)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    from papm.deploy.bundle import load_bundle
+    from papm.deploy.runtime import EdgeRuntime, expand_inputs, softmax
+
+    if args.fuse and (args.inputs or args.part is not None):
+        raise PapmError("--fuse finishes from feature files: give no images and no --part with it")
+    if args.part is not None and not args.out:
+        raise PapmError("--part writes features to a file: add --out features.npy")
+    if args.out and args.part is None:
+        raise PapmError("--out is for --part (feature files); predictions go to stdout")
+    if not args.fuse and not args.inputs:
+        raise PapmError("no images given; pass image files or a folder (or --fuse FEATURE FILES)")
+    if args.part is not None and Path(args.out).exists() and not args.force:
+        raise PapmError(f"{args.out} already exists; pass --force to overwrite it or choose another --out")
+    bundle = load_bundle(args.bundle, args.verify_key)  # verifies every file before any session exists
+    rt = EdgeRuntime(bundle, args.precision, args.threads)
+
+    if args.fuse:
+        feats = rt.load_feature_files(args.fuse)
+        probs = softmax(rt.fuse(feats))
+        for i, top in enumerate(rt.top_k(probs, args.top_k)):
+            _print_line(json.dumps({"row": i, "top_k": top}) if args.json else f"row {i}: {_format_top(top)}")
+        return 0
+
+    files = expand_inputs(args.inputs)
+    if args.part is not None:
+        rt.part_entry(args.part)  # range check before reading any image
+        chunks = [rt.part_features(args.part, rt.normalise(rt.load_images(files[i : i + args.batch_size])))
+                  for i in range(0, len(files), args.batch_size)]
+        from papm.shared.files import atomic_write_bytes
+
+        features = np.concatenate(chunks).astype(np.float32)
+        out = Path(args.out)
+        # np.save appends .npy to names without it; write the bytes ourselves so --out is the name used
+        atomic_write_bytes(out, _npy_bytes(features))
+        print(f"part {args.part}: wrote {features.shape[0]} x {features.shape[1]} features ({args.precision}) to {out}",
+              file=sys.stderr)
+        return 0
+
+    for path, probs in rt.predict_files(files, args.batch_size, False if args.quiet else None):
+        top = rt.top_k(probs[None], args.top_k)[0]
+        _print_line(json.dumps({"image": str(path), "top_k": top}) if args.json else f"{path}: {_format_top(top)}")
+    return 0
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ---- bench --------------------------------------------------------------------------------
+
+def _latency(sess, name: str, x: np.ndarray, runs: int, warmup: int) -> tuple[float, float]:
+    """(median, p95) seconds of ``sess.run`` on ``x`` after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), float(np.percentile(times, 95))
+
+
+def _throughput(sess, name: str, x: np.ndarray, runs: int, warmup: int) -> float:
+    med, _ = _latency(sess, name, x, max(3, runs // 10), max(1, warmup // 2))
+    return len(x) / med
+
+
+def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, C, S, S) images and labels from an .npz (x, y) or an ImageFolder-style folder."""
+    path = Path(path)
+    names = rt.bundle.class_names
+    if path.suffix == ".npz":
+        try:
+            data = np.load(path, allow_pickle=False)
+            x, y = data["x"], data["y"]
+        except (OSError, ValueError, KeyError) as e:
+            raise PapmError(f"cannot read test data {path} ({str(e).splitlines()[0][:80]}); give an .npz with arrays x and y") from None
+        x = x[:, None] if x.ndim == 3 else x
+        want = (rt.in_channels, rt.image_size, rt.image_size)
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != want or len(x) != len(y):
+            raise PapmError(f"{path}: x must be uint8 (N, {want[0]}, {want[1]}, {want[2]}) with N labels y, "
+                            f"got x {x.dtype}{tuple(x.shape)} and {len(y)} labels")
+        return x, y.astype(np.int64)
+    if not path.is_dir():
+        raise PapmError(f"test data not found: {path}; give an ImageFolder-style folder or an .npz")
+    root = path / "test" if (path / "test").is_dir() else path
+    from papm.shared.images import IMAGE_SUFFIXES
+
+    files, labels = [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if d.name not in names:
+            raise PapmError(f"{d} is not a class of this bundle ({names}); name the class folders after the classes")
+        found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [names.index(d.name)] * len(found)
+    if not files:
+        raise PapmError(f"{root} holds no class folders with images")
+    return rt.load_images(files), np.asarray(labels, dtype=np.int64)
+
+
+def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, test=None) -> list[dict]:
+    """One row per model and precision, plus the derived split totals."""
+    from papm.deploy.runtime import EdgeRuntime, make_session
+
+    m = bundle.manifest
+    inp = m["input"]
+    rng = np.random.default_rng(0)
+    image1 = rng.standard_normal((1, inp["channels"], inp["image_size"], inp["image_size"])).astype(np.float32)
+    image_b = np.repeat(image1, batch, axis=0)
+
+    def measure(entry: dict, name: str, x1: np.ndarray, xb: np.ndarray) -> dict:
+        path = bundle.file(entry)
+        s1, sn = make_session(path, 1), make_session(path, threads_all)
+        med1, p951 = _latency(s1, name, x1, runs, warmup)
+        medn, p95n = _latency(sn, name, x1, runs, warmup)
+        return {"size_kb": round(entry["bytes"] / 1024, 1), "lat1_ms": med1 * 1e3, "lat1_p95_ms": p951 * 1e3,
+                "latn_ms": medn * 1e3, "latn_p95_ms": p95n * 1e3, "throughput": _throughput(sn, name, xb, runs, warmup)}
+
+    rows: list[dict] = []
+    feat_total = int(m["head"]["feature_size"])
+    f1 = rng.standard_normal((1, feat_total)).astype(np.float32)
+    head = {"model": "head", "precision": "fp32", "params": m["head"]["params"],
+            **measure(m["head"]["files"]["fp32"], m["head"]["input_name"], f1, np.repeat(f1, batch, axis=0))}
+    for precision in bundle.precisions():
+        rt = EdgeRuntime(bundle, precision, threads_all)
+        xt = rt.normalise(test[0]) if test is not None else None
+        acc = (lambda logits: float((logits.argmax(1) == test[1]).mean())) if test is not None else (lambda _: None)
+        base = m.get("base") or {}
+        if precision in base.get("files", {}):
+            rows.append({"model": "base (unsplit)", "precision": precision, "params": base["params"],
+                         **measure(base["files"][precision], base["input_name"], image1, image_b),
+                         "accuracy": acc(rt.base_logits(xt)) if xt is not None else None})
+        parts = []
+        for k, part in enumerate(m["parts"]):
+            parts.append({"model": f"part {k} (device {part['device']})", "precision": precision, "params": part["params"],
+                          **measure(part["files"][precision], part["input_name"], image1, image_b)})
+        rows += parts
+        rows.append({**head, "precision": "fp32"})
+        split_acc = acc(rt.logits(xt)) if xt is not None else None
+        size = sum(r["size_kb"] for r in parts) + head["size_kb"]
+        params = sum(r["params"] for r in parts) + head["params"]
+        slow = {key: max(r[key] for r in parts) + head[key] for key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms")}
+        seq = {key: sum(r[key] for r in parts) + head[key] for key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms")}
+        # throughput: parallel devices are limited by the slowest stage; one machine runs every stage in turn
+        par_tp = min([r["throughput"] for r in parts] + [head["throughput"]])
+        seq_tp = 1.0 / (sum(1.0 / r["throughput"] for r in parts) + 1.0 / head["throughput"])
+        rows.append({"model": "split: slowest part + head", "precision": precision, "params": params, "size_kb": size,
+                     **slow, "throughput": par_tp, "accuracy": split_acc})
+        rows.append({"model": "split: all parts in turn + head", "precision": precision, "params": params, "size_kb": size,
+                     **seq, "throughput": seq_tp, "accuracy": split_acc})
+    return rows
+
+
+COLUMNS = [("model", "model"), ("precision", "precision"), ("params", "params"), ("size_kb", "size KiB"),
+           ("lat1_ms", "b1 1-thread median ms"), ("lat1_p95_ms", "b1 1-thread p95 ms"),
+           ("latn_ms", "b1 all-threads median ms"), ("latn_p95_ms", "b1 all-threads p95 ms"),
+           ("throughput", "img/s at batch"), ("accuracy", "accuracy")]
+
+
+def _cell(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms"):
+        return f"{v:.3f}"
+    if key == "throughput":
+        return f"{v:.0f}"
+    if key == "accuracy":
+        return f"{v:.4f}"
+    if key == "params":
+        return f"{v:,}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], batch: int) -> str:
+    heads = [h.replace("at batch", f"at batch {batch}") for _, h in COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from papm.deploy.bundle import load_bundle
+    from papm.deploy.runtime import EdgeRuntime, default_threads
+    from papm.shared.files import atomic_write_text
+
+    bundle = load_bundle(args.bundle, args.verify_key)
+    threads_all = args.threads or default_threads()
+    test = None
+    if args.test_dir:
+        test = load_test_data(args.test_dir, EdgeRuntime(bundle, "fp32"))
+    out = Path(args.out) if args.out else bundle.path
+    rows = bench_rows(bundle, args.runs, max(0, args.warmup), args.batch, threads_all, test)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[k for k, _ in COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k, _ in COLUMNS})
+    table = markdown_table(rows, args.batch)
+    note = (f"Batch-1 latency over {args.runs} runs after {args.warmup} warm-up runs, 1 thread and {threads_all} threads; "
+            f"throughput at batch {args.batch} with {threads_all} threads. Split rows are derived from the part and head "
+            "timings: devices run in parallel (slowest part + head) or one machine runs every part in turn. "
+            "The head always runs fp32. "
+            + (f"Accuracy on {len(test[1])} test images from {args.test_dir}." if test is not None else "No test data given (--test-dir).")
+            + " Inputs for timing are synthetic; ONNX Runtime CPU.")
+    atomic_write_text(out / "bench.csv", buf.getvalue())
+    atomic_write_text(out / "bench.md", f"# papm bench: {bundle.path}\n\n{note}\n\n{table}\n")
+    print(table)
+    print(note)
+    print(f"wrote {out / 'bench.csv'} and {out / 'bench.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A torch-free entry point for devices that install only the `edge` extra:
+    ``python -m papm.deploy.edge_cli infer|bench ...`` (the same commands as `papm infer|bench`)."""
+    parser = argparse.ArgumentParser(prog="papm-edge", description="PAPM edge runtime (ONNX Runtime, no torch)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_infer_parser(sub)
+    add_bench_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"infer": run_infer, "bench": run_bench}[args.command](args)
+    except PapmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""INT8 static quantisation of exported ONNX graphs with onnxruntime.quantization.
+
+QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised op, the form
+ONNX Runtime's CPU and GPU providers fuse into integer kernels), per-channel weight
+scales (pruned convolutions have very different channel ranges), activation ranges
+calibrated on the device's own local training images: never on test data.
+
+Torch-free: the Flower client can quantise right after export, and a coordinator
+without torch could too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from papm.shared.errors import PapmError
+
+CALIB_BATCH = 32
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over an in-memory array."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch_size: int = CALIB_BATCH):
+        self.input_name = input_name
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.batch_size = batch_size
+        self._it: Iterator[dict] | None = None
+
+    def _batches(self) -> Iterator[dict]:
+        for i in range(0, len(self.x), self.batch_size):
+            yield {self.input_name: self.x[i : i + self.batch_size]}
+
+    def get_next(self) -> dict | None:
+        if self._it is None:
+            self._it = self._batches()
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def quantize_int8(fp32_path: Path | str, out_path: Path | str, calibration: np.ndarray) -> Path:
+    """Write an INT8 (QDQ, per-channel) copy of ``fp32_path`` calibrated on ``calibration``.
+
+    ``calibration``: float32 (N, ...) inputs exactly as the graph sees them (normalised
+    images for parts and the base model), drawn from the local training data.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if len(calibration) == 0:
+        raise PapmError(f"no calibration data for {fp32_path.name}; INT8 needs some of the device's training images")
+    import onnxruntime as ort
+
+    input_name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger().level
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        staged = Path(tmp) / "int8.onnx"
+        # shape inference + graph cleanup first: the quantiser needs shapes, as its docs recommend
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+            logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs advice on the root logger
+            try:
+                quantize_static(
+                    str(pre),
+                    str(staged),
+                    _Reader(input_name, calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                )
+            finally:
+                logging.getLogger().setLevel(quiet)
+        staged.replace(out_path)  # same folder: an atomic rename
+    return out_path

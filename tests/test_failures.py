@@ -1,0 +1,63 @@
+"""Node failure in simulation: a lost node, a lost group (then --resume), a raising handler."""
+
+import json
+import os
+
+from papm.shared.config import PHASES
+
+from conftest import run_papm
+
+FAST = ["--set", "base-rounds=1", "--set", "base-epochs=2", "--set", "fusion-rounds=2", "--set", "finetune-epochs=2",
+        "--set", "budget=0.5"]
+
+
+def _sets(*items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def _env(fault):
+    return {**os.environ, "PAPM_INJECT_FAULT": fault}
+
+
+def test_group_with_two_nodes_survives_losing_one(tmp_path):
+    run = tmp_path / "r"
+    r = run_papm("simulate", *FAST, *_sets("nodes=4", "devices=2", "timeout=15"), "--run-dir", run, cwd=tmp_path,
+                 env=_env("train.finetune:1:hang=30"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed"] == list(PHASES)
+    assert [f["partition_id"] for f in state["failures"]] == [1]
+    assert "no reply within 15 s" in state["failures"][0]["reason"]
+    summary = (run / "summary.md").read_text()
+    assert "node with partition-id 1 failed" in summary and "phase prune" in summary
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["federated"]["nodes"] == 3  # the lost node is out for the rest of the run
+
+
+def test_losing_a_whole_group_stops_clearly_and_resume_continues(tmp_path):
+    run = tmp_path / "r"
+    args = [*FAST, *_sets("nodes=2", "devices=2", "timeout=60"), "--run-dir", run]
+    r = run_papm("simulate", *args, cwd=tmp_path, env=_env("query.apoz:0:raise"))
+    assert r.returncode == 2
+    last = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(last) == 1 and "lost every node" in last[0] and "--resume" in last[0], r.stderr[-2000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed"] == ["base", "statistics", "assignment"]
+    assert state["failures"][0]["partition_id"] == 0 and "injected fault" in state["failures"][0]["reason"]
+    base_stamp = (run / "base.pt").stat().st_mtime_ns
+    r = run_papm("simulate", *args, "--resume", cwd=tmp_path)  # the node is back
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["completed"] == list(PHASES)
+    assert (run / "base.pt").stat().st_mtime_ns == base_stamp
+
+
+def test_raising_handler_is_reported_by_partition_id(tmp_path):
+    run = tmp_path / "r"
+    r = run_papm("simulate", *FAST, *_sets("nodes=3", "devices=2", "timeout=60"), "--run-dir", run, cwd=tmp_path,
+                 env=_env("query.class_stats:2:raise"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    failures = json.loads((run / "state.json").read_text())["failures"]
+    assert failures == [{"phase": "statistics", "partition_id": 2, "node_id": failures[0]["node_id"],
+                         "reason": failures[0]["reason"]}]
+    assert "injected fault on query.class_stats for partition-id 2" in failures[0]["reason"]
+    assert "node with partition-id 2 failed" in (run / "summary.md").read_text()
