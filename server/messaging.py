@@ -42,12 +42,17 @@ def exchange(grid: Grid, requests: dict[int, RecordDict], message_type: str, tim
     """Send ``requests[node_id]`` to each node; wait until all replied or ``timeout`` passed."""
     node_ids = list(requests)
     messages = [Message(content=requests[n], dst_node_id=n, message_type=message_type, group_id=group_id) for n in node_ids]
-    msg_ids = list(grid.push_messages(messages))
-    pending = {mid: n for mid, n in zip(msg_ids, node_ids) if mid}
+    # Both grids set each message's id on the object before pushing; the returned list
+    # leaves out (or holds None for) messages the SuperLink did not accept.
+    accepted = {mid for mid in grid.push_messages(messages) if mid}
+    pending: dict[str, int] = {}
     result = ExchangeResult()
-    for n, mid in zip(node_ids, msg_ids):
-        if not mid:
-            result.failed[n] = "message could not be delivered"
+    for n, m in zip(node_ids, messages):
+        mid = m.metadata.message_id
+        if mid and mid in accepted:
+            pending[mid] = n
+        else:
+            result.failed[n] = "message could not be delivered (too large, or the SuperLink refused it)"
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):

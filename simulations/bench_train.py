@@ -12,10 +12,8 @@ appends a row to benchmarks/bench_train.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from papm.shared.datasets import load_dataset
 from papm.shared.models import ResNet18
 from papm.shared.training import TrainSettings, fit, resolve_device
+from papm.simulations.bench_record import record
 
 
 def plain_loop(model, splits, epochs, batch_size, device) -> float:
@@ -111,16 +110,11 @@ def main(argv=None) -> int:
     print(f"plain PyTorch loop: {plain:10.1f} img/s")
     print(f"papm training loop: {ours:10.1f} img/s")
     print(f"ratio (papm / plain): {ours / plain:.3f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps(row, indent=2) + "\n")
-    md = out / "bench_train.md"
-    if not md.exists():
-        md.write_text("| dataset | width | device | threads | plain img/s | papm img/s | ratio |\n|---|---|---|---|---|---|---|\n")
-    with md.open("a") as f:
-        f.write(f"| {args.dataset} | {args.width} | {row['gpu'] or device} | {row['threads']} | {row['plain_img_per_s']} | "
-                f"{row['papm_img_per_s']} | {row['ratio']} |\n")
-    print(f"wrote {out / 'bench_train.json'} and {md}")
+    row["where"] = row["gpu"] or str(device)
+    js, md = record(args.out, "bench_train", row, {
+        "dataset": "dataset", "width": "width", "device": "where", "threads": "threads",
+        "plain img/s": "plain_img_per_s", "papm img/s": "papm_img_per_s", "ratio": "ratio"})
+    print(f"wrote {js} and {md}")
     return 0
 
 
