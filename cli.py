@@ -93,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
 
     # torch-free modules (export_cli imports torch only inside run_export)
+    from papm.deploy.deploy_cli import add_deploy_parser
     from papm.deploy.edge_cli import add_bench_parser, add_infer_parser
     from papm.export.export_cli import add_export_parser
 
     add_export_parser(sub)
     add_infer_parser(sub)
     add_bench_parser(sub)
+    add_deploy_parser(sub)
     return parser
 
 
@@ -274,8 +276,15 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_deploy(args) -> int:
+    from papm.deploy.deploy_cli import run_deploy
+
+    return run_deploy(args)
+
+
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
-            "export": cmd_export, "infer": cmd_infer, "bench": cmd_bench}
+            "export": cmd_export, "infer": cmd_infer, "bench": cmd_bench,
+            "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

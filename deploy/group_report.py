@@ -148,7 +148,7 @@ def _html_page(analysis: GroupingAnalysis, png: bytes, run: dict | None) -> str:
                 body += (f"<tr><td>{esc(str(node['node']))}</td><td>{node['group']}</td>"
                          f"<td>{esc(' '.join(groups[node['group']]))}</td>{cells}</tr>")
             run_html += ("<h3>Which node serves which group (training samples per class on each node)</h3>"
-                         f"<table><tr><th>node</th><th>group</th><th>classes</th>{head}</tr>{body}</table>")
+                         f"<table><tr><th>node (partition-id)</th><th>group</th><th>classes</th>{head}</tr>{body}</table>")
     meta = (f"{analysis.num_classes} classes; similarity: {esc(analysis.similarity_kind)} of class-mean "
             f"{esc(analysis.outputs)}; {'balanced groups (sizes differ by at most one)' if analysis.balanced else 'unbalanced (plain average linkage)'}")
     classes = ", ".join(f"{i}: {esc(n)}" for i, n in enumerate(analysis.class_names))

@@ -118,8 +118,16 @@ def tree_rss_mib(root_pid: int) -> float:
 
 
 def run_direct(cfg) -> float:
-    """The whole run, same phases and handlers, without Flower's runtime. Returns seconds."""
+    """The whole run, same phases and handlers, without Flower's runtime. Returns seconds.
+
+    One torch thread, as each simulated node gets one CPU (and on this 2-core machine two
+    intra-op threads on these small tensors were 7x slower under load, not faster).
+    """
+    import torch
+
     from papm.client.client_app import app as client_app
+
+    torch.set_num_threads(1)
     from papm.server.server_app import PapmRun
 
     t0 = time.perf_counter()
