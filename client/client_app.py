@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -23,7 +25,8 @@ from papm.shared.fusion import build_head, fit_head, feature_sums
 from papm.shared.importance import count_zero_activations
 from papm.shared.models import build_model
 from papm.shared.node_data import NodeData, load_node_data
-from papm.shared.records import config_json, json_config, record_run_config, record_state, state_record, tensors_record
+from papm.shared.records import (bytes_record, config_json, json_config, record_run_config, record_state, state_record,
+                                 tensors_record)
 from papm.shared.specialise import apoz_subset, group_weights
 from papm.shared.training import TrainSettings, fit, predict_logits, resolve_device
 
@@ -143,6 +146,45 @@ def finetune(msg: Message, context: Context) -> Message:
         sample_weights=weights[node.data.train.y] if cfg.emphasis_mode == "sampling" else None,
         teacher=node.model("teacher") if cfg.kd else None, progress=False)
     return node.reply({"model": state_record(model.state_dict())}, **{"num-examples": len(node.data.train)})
+
+
+@app.query("export")
+def export(msg: Message, context: Context) -> Message:
+    """Phase 4 on the device: its group's pruned extractor (and, when asked, the unsplit base model)
+    to ONNX, checked against PyTorch on this node's own images, and with int8=true quantised to
+    INT8 calibrated on this node's own training images of the group's classes (never test data).
+    The files travel back as raw bytes."""
+    from papm.export.onnx_export import export_for_device, parity_inputs
+
+    node = Node(msg, context)
+    info = node.info()
+    items = config_json(msg.content["papm"], "items")  # [{"key", "graph", "name"}]
+    classes = config_json(msg.content["papm"], "classes")
+    seed = node.cfg.seed + node.partition_id
+    local = node.data.val if len(node.data.val) >= 8 else node.data.train
+    parity_x = parity_inputs(normalise(local.x, info), n=64, seed=seed)
+    calib, calib_from = None, ""
+    if node.cfg.int8:
+        pool = node.data.train.of_classes(classes) if classes else node.data.train
+        calib_from = "the group's classes" if classes and len(pool) else "all classes"
+        if not len(pool):
+            pool = node.data.train
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(pool), generator=gen)[: node.cfg.calib_samples].sort().values
+        calib = normalise(pool.x[idx], info).numpy()
+    files, reports = {}, {}
+    with tempfile.TemporaryDirectory(prefix="papm-export-") as tmp:
+        for item in items:
+            paths, report = export_for_device(node.model(item["key"]), item["graph"], Path(tmp), item["name"], parity_x, calib)
+            for precision, path in paths.items():
+                files[f"{item['name']}.{precision}"] = path.read_bytes()
+            reports[item["name"]] = {**report, "partition_id": node.partition_id, "parity_inputs": "local validation images + random",
+                                     "calibration": {"samples": 0 if calib is None else int(len(calib)),
+                                                     "source": f"partition-id {node.partition_id} training images of {calib_from}"
+                                                     if calib is not None else ""}}
+    reply = node.reply({"files": bytes_record(files)}, **{"num-examples": 0 if calib is None else int(len(calib))})
+    reply.content["reports"] = json_config(**reports)
+    return reply
 
 
 def _extractors(node: Node) -> list:

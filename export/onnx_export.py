@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -148,6 +149,26 @@ def export_base(model: nn.Module, path: Path | str, inputs: torch.Tensor) -> dic
     return report
 
 
+def export_for_device(model: nn.Module, graph: str, out_dir: Path | str, name: str, parity_x: torch.Tensor,
+                      calibration: np.ndarray | None = None) -> tuple[dict[str, Path], dict]:
+    """What a node does in the export phase: ``model`` to ``<name>.onnx`` (``graph`` "features"
+    for a device part, "logits" for the unsplit base model), checked against PyTorch on
+    ``parity_x`` (the node's own normalised images), and, when ``calibration`` is given,
+    ``<name>.int8.onnx`` calibrated on it (the node's own training images, never test data).
+    Returns ({precision: path}, parity report)."""
+    if graph not in ("features", "logits"):
+        raise PapmError(f"unknown graph {graph!r}; expected features or logits")
+    out_dir = Path(out_dir)
+    fp32 = out_dir / f"{name}.onnx"
+    report = (export_part if graph == "features" else export_base)(model, fp32, parity_x)
+    files = {"fp32": fp32}
+    if calibration is not None:
+        from papm.export.quantize import quantize_int8
+
+        files["int8"] = quantize_int8(fp32, out_dir / f"{name}.int8.onnx", calibration)
+    return files, report
+
+
 def parity_inputs(x_norm: torch.Tensor, n: int = 64, seed: int = 0) -> torch.Tensor:
     """Real normalised images plus a few random ones (outside the data range too), fixed by ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -179,14 +200,24 @@ def export_run(
     calib_samples: int = 256,
     parity_samples: int = 64,
     log: Callable[[str], None] = print,
+    test_split=None,
+    from_run: bool = False,
 ) -> dict:
     """Export a run directory (base.pt, devices/device-k/pruned.pt, fusion/head.pt) into an edge bundle.
 
+    Parts: the ONNX files the devices made in the run's export phase
+    (``devices/device-k/extractor[.int8].onnx``, ``base[.int8].onnx``) are used as they are
+    (after a parity check against the run's PyTorch checkpoints); a missing fp32 file is
+    exported here. A missing INT8 file is quantised here, calibrated on the training images of
+    the device's classes that this machine can load (the run's dataset): run with
+    ``int8 = true`` to have every device calibrate on its own data instead.
+
+    ``from_run``: called by the ServerApp, which has only the held-out ``test_split`` (used
+    for parity inputs and the reported accuracy, never fitted on); nothing is calibrated then.
     The bundle is assembled in a temporary folder beside ``out`` and renamed into place at the
     end, so a failed export (a parity failure included) never leaves a half-written bundle.
     Returns {"bundle", "parity", "accuracy"}.
     """
-    import shutil
     import tempfile
 
     from papm.deploy.bundle import Bundle, file_entry, write_manifest, BUNDLE_FORMAT, BUNDLE_VERSION
@@ -223,8 +254,33 @@ def export_run(
         raise PapmError(f"the fusion head expects feature sizes {head.feature_dims} but the devices give {dims}; "
                         "re-run the fusion phase for these devices")
 
-    splits = load_dataset_like(info)
-    x_check = parity_inputs(normalise(splits.val.x if len(splits.val) else splits.train.x, info), parity_samples)
+    if from_run:
+        if test_split is None:
+            raise PapmError("export_run(from_run=True) needs the server's test split")
+        splits, test = None, test_split
+        x_check = parity_inputs(normalise(test.x, info), parity_samples)
+    else:
+        splits = load_dataset_like(info)
+        test = splits.test
+        x_check = parity_inputs(normalise(splits.val.x if len(splits.val) else splits.train.x, info), parity_samples)
+
+    def from_devices(rel_in_run: str, dest: Path) -> bool:
+        """Copy a file the devices made in the run (True), or report that there is none (False)."""
+        src = run_dir / rel_in_run
+        if not src.is_file():
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        return True
+
+    def calibration(classes: list[int], seed: int):
+        if splits is None:
+            raise PapmError(f"INT8 files missing in {run_dir} (the run's export phase made none); run with int8=true "
+                            "so the devices calibrate on their own data, or run `papm export RUN_DIR --int8` where the data is")
+        local = splits.train.of_classes(classes) if classes else splits.train
+        if not len(local):
+            local = splits.train
+        return normalise(local.x[_sample(len(local), calib_samples, seed=seed)], info).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
@@ -235,8 +291,14 @@ def export_run(
         parts = []
         for i, (k, model) in enumerate(zip(devices, extractors)):
             rel = f"parts/device-{k}.onnx"
-            reports.append({**export_part(model, stage / rel, x_check), "file": rel, "precision": "fp32"})
-            log(f"exported {rel}")
+            if from_devices(f"devices/device-{k}/extractor.onnx", stage / rel):
+                report = parity(feature_graph(model), stage / rel, x_check)
+                check_parity(report, f"{run_dir}/devices/device-{k}/extractor.onnx")
+                log(f"{rel}: the device's export, parity checked")
+            else:
+                report = export_part(model, stage / rel, x_check)
+                log(f"exported {rel}")
+            reports.append({**report, "file": rel, "precision": "fp32"})
             parts.append({"device": int(k), "classes": groups[i], "class_names": [info.class_names[c] for c in groups[i]],
                           "input_name": "image", "output_name": "features",
                           "input_shape": [None, info.in_channels, info.image_size, info.image_size],
@@ -245,26 +307,43 @@ def export_run(
         with torch.no_grad():
             feats = torch.cat([m.features(x_check) for m in extractors], dim=1)
         reports.append({**export_head(head, stage / "head.onnx", feats), "file": "head.onnx", "precision": "fp32"})
-        reports.append({**export_base(base, stage / "base.onnx", x_check), "file": "base.onnx", "precision": "fp32"})
-        log("exported head.onnx and base.onnx")
+        if from_devices("base.onnx", stage / "base.onnx"):
+            report = parity(base, stage / "base.onnx", x_check)
+            check_parity(report, f"{run_dir}/base.onnx")
+        else:
+            report = export_base(base, stage / "base.onnx", x_check)
+        reports.append({**report, "file": "base.onnx", "precision": "fp32"})
+        log("exported head.onnx; base.onnx ready")
         base_files = {"fp32": "base.onnx"}
 
         if int8:
             from papm.export.quantize import quantize_int8
 
+            made_by = run_dir / "devices" / "extractors.json"
+            device_reports = {}
+            if made_by.is_file():
+                import json
+
+                doc = json.loads(made_by.read_text())
+                device_reports = {f"device-{p['device']}": p.get("node_report", {}) for p in doc.get("parts", [])}
+
             for i, part in enumerate(parts):
-                # the device's own local data: training images of its classes (never test data)
-                local = splits.train.of_classes(part["classes"]) if part["classes"] else splits.train
-                calib = local.x[_sample(len(local), calib_samples, seed=i)]
                 rel = f"parts/device-{part['device']}.int8.onnx"
-                quantize_int8(stage / part["files"]["fp32"], stage / rel, normalise(calib, info).numpy())
+                if from_devices(f"devices/device-{part['device']}/extractor.int8.onnx", stage / rel):
+                    made = device_reports.get(f"device-{part['device']}", {}).get("calibration", {})
+                    part["int8_calibration"] = made or {"source": "the run's export phase"}
+                    log(f"{rel}: the device's INT8 file (calibrated on {made.get('source', 'its own training images')})")
+                else:  # never on test data: training images of the device's classes
+                    quantize_int8(stage / part["files"]["fp32"], stage / rel, calibration(part["classes"], seed=i))
+                    part["int8_calibration"] = {"samples": calib_samples, "source": "training images of its classes (papm export)"}
+                    log(f"quantised {rel} (INT8 QDQ, per-channel; calibrated on training images of its classes)")
                 part["files"]["int8"] = rel
-                log(f"quantised {rel} (INT8 QDQ, per-channel; calibrated on {len(calib)} local training images)")
-            calib = splits.train.x[_sample(len(splits.train), calib_samples, seed=len(parts))]
-            quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", normalise(calib, info).numpy())
+            if not from_devices("base.int8.onnx", stage / "base.int8.onnx"):
+                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration([], seed=len(parts)))
             base_files["int8"] = "base.int8.onnx"
 
-        atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "inputs": "validation images + random", "files": reports})
+        atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "files": reports,
+                                                  "inputs": ("held-out test images + random" if from_run else "validation images + random")})
         # the manifest: every file with its sha256 (the runtime verifies them before opening any session)
         for part in parts:
             part["precisions"] = list(part["files"])
@@ -288,8 +367,8 @@ def export_run(
         }
         # accuracy on the test split, through ONNX Runtime exactly as the edge runs it
         bundle = Bundle(stage, {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **manifest}, signed=False)
-        x_test = normalise(splits.test.x, info)
-        y_test = splits.test.y.numpy()
+        x_test = normalise(test.x, info)
+        y_test = test.y.numpy()
         with torch.no_grad():
             ref = SplitModel(extractors, head).eval()(x_test).argmax(1).numpy()
         accuracy: dict = {"split": "test", "samples": int(len(y_test)), "pytorch_split": float((ref == y_test).mean())}

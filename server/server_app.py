@@ -315,22 +315,85 @@ class PapmRun:
 
     # phase 4
     def phase_export(self) -> None:
-        """Each pruned extractor to ONNX (dynamic batch), checked against PyTorch on the same inputs.
+        """On the devices: each group's extractor to ONNX (and INT8 with int8=true, calibrated on the
+        exporting node's own training images), checked against PyTorch there on local images.
 
-        The held-out test images (and random inputs) drive the parity check only; nothing is fitted on them.
+        One node per group exports (the first live one; the next if it fails); the unsplit base
+        model, kept in the bundle for comparison, goes to a spare node when there is one. The
+        server checks every returned fp32 graph against its own copy of the model on held-out
+        test inputs (a check, nothing is fitted) before it writes it.
         """
-        from papm.export.onnx_export import export_part, parity_inputs
+        from papm.export.onnx_export import feature_graph, parity, parity_inputs, check_parity
         from papm.shared.datasets import normalise
+        from papm.shared.records import record_bytes
 
-        x = parity_inputs(normalise(self.test_split().x, self.info), n=64, seed=self.cfg.seed)
-        parts = []
-        for g, e in enumerate(self.extractors()):
-            rel = f"devices/device-{g}/extractor.onnx"
-            report = export_part(e, self.rd.path / rel, x)
-            parts.append({"device": g, "file": rel, "feature_dim": int(report["output_shape"][0]),
-                          "max_abs_diff": report["max_abs_diff"], "tolerance": report["tolerance"]})
-            self.rd.log_metrics("export", device=g, max_abs_diff=report["max_abs_diff"])
-        atomic_write_json(self.rd.path / "devices" / "extractors.json", {"parts": parts})
+        extractors = self.extractors()
+        x_check = parity_inputs(normalise(self.test_split().x, self.info), n=64, seed=self.cfg.seed)
+        groups = self.assignment["groups"]
+        # what must be exported: name -> (model, args, graph, classes, group or None, destination stem)
+        todo: dict[str, tuple] = {f"device-{g}": (e, self._args_of(g), "features", groups[g], g,
+                                                   self.rd.device_dir(g) / "extractor") for g, e in enumerate(extractors)}
+        todo["base"] = (self.base, self.base_args, "logits", [], None, self.rd.path / "base")
+        tried: dict[str, set[int]] = {name: set() for name in todo}
+        parts: dict[int, dict] = {}
+        while todo:
+            members = self.group_nodes()
+            plan: dict[int, list[str]] = {}
+            for name, (_, _, _, _, g, _) in todo.items():
+                if g is None:
+                    continue
+                free = [n for n in sorted(members[g], key=lambda n: self.nodes[n]["partition_id"]) if n not in tried[name]]
+                if not free:
+                    raise PapmError(f"no node of device group {g} could export its extractor ({len(tried[name])} tried); "
+                                    "see the failures in state.json, fix the nodes and continue with --resume")
+                plan.setdefault(free[0], []).append(name)
+            if "base" in todo:
+                busy = set(plan)
+                spare = [n for n in self.nodes if n not in busy and n not in tried["base"]]
+                pick = spare[0] if spare else next((n for n in plan if n not in tried["base"]),
+                                                  next((n for n in self.nodes if n not in tried["base"]), None))
+                if pick is None:
+                    raise PapmError("no node could export the base model; fix the nodes and continue with --resume")
+                plan.setdefault(pick, []).append("base")
+            requests = {}
+            for n, names in plan.items():
+                papm, arrays = {"data-info": self.info.to_dict(), "items": [], "classes": []}, {}
+                for name in names:
+                    model, args, graph, classes, _, _ = todo[name]
+                    key = name.replace("-", "_")
+                    papm[f"{key}-args"] = args
+                    papm["items"].append({"key": key, "graph": graph, "name": name})
+                    papm["classes"] = papm["classes"] or classes
+                    arrays[key] = state_record(model.state_dict())
+                    tried[name].add(n)
+                requests[n] = self.content(papm, **arrays)
+            replies = self.send("export", "query.export", requests)
+            for n, content in replies.items():
+                files = record_bytes(content["files"])
+                reports = {k: json.loads(v) for k, v in content["reports"].items()}
+                for name in plan[n]:
+                    model, _, graph, _, g, stem = todo.pop(name)
+                    fp32 = stem.with_suffix(".onnx")
+                    atomic_write(fp32, lambda p, b=files[f"{name}.fp32"]: Path(p).write_bytes(b))
+                    # the server's own check of what came back, on held-out inputs (never fitted on)
+                    server_check = parity(feature_graph(model) if graph == "features" else model, fp32, x_check)
+                    check_parity(server_check, f"{fp32} (from partition-id {reports[name]['partition_id']})")
+                    entry = {"file": str(fp32.relative_to(self.rd.path)), "node_report": reports[name],
+                             "server_max_abs_diff": server_check["max_abs_diff"], "tolerance": server_check["tolerance"],
+                             "feature_dim" if graph == "features" else "num_classes": int(server_check["output_shape"][0])}
+                    if f"{name}.int8" in files:
+                        int8 = stem.with_name(stem.name + ".int8.onnx")
+                        atomic_write(int8, lambda p, b=files[f"{name}.int8"]: Path(p).write_bytes(b))
+                        entry["int8_file"] = str(int8.relative_to(self.rd.path))
+                    if g is not None:
+                        parts[g] = {"device": g, **entry}
+                    else:
+                        base_entry = entry
+                    self.rd.log_metrics("export", model=name, partition_id=reports[name]["partition_id"],
+                                        max_abs_diff=reports[name]["max_abs_diff"], server_max_abs_diff=server_check["max_abs_diff"],
+                                        int8=f"{name}.int8" in files)
+        atomic_write_json(self.rd.path / "devices" / "extractors.json",
+                          {"parts": [parts[g] for g in sorted(parts)], "base": base_entry, "int8": self.cfg.int8})
 
     def load_export(self) -> None:
         pass
@@ -419,7 +482,8 @@ class PapmRun:
         # with the test accuracy measured through ONNX Runtime as the devices will run it.
         from papm.export.onnx_export import export_run
 
-        bundle = export_run(self.rd.path, int8=self.cfg.int8, force=True, log=lambda line: log(INFO, "%s", line))
+        bundle = export_run(self.rd.path, int8=self.cfg.int8, force=True, log=lambda line: log(INFO, "%s", line),
+                            test_split=self.test_split(), from_run=True)
         evaluation["bundle"] = {"path": "bundle", "accuracy": bundle["accuracy"],
                                 "max_abs_diff": max(r["max_abs_diff"] for r in bundle["parity"])}
         atomic_write_json(self.rd.path / "evaluation.json", evaluation)

@@ -55,8 +55,9 @@ class RunConfig:
     emphasis: float = 4.0
     emphasis_mode: str = "loss"
     kd: bool = False
-    # phase 4: export
+    # phase 4: export (on the nodes: each group's extractor to ONNX, INT8 calibrated on local images)
     int8: bool = False
+    calib_samples: int = 256  # local training images per INT8 calibration
     # phase 5: fusion head
     fusion_rounds: int = 5
     fusion_epochs: int = 5  # local epochs per round
@@ -145,8 +146,16 @@ class RunConfig:
         need(self.outputs in ("softmax", "logits"), f"outputs must be softmax or logits, got {self.outputs!r}")
         need(self.emphasis_mode in ("loss", "sampling"), f"emphasis-mode must be loss or sampling, got {self.emphasis_mode!r}")
         need(self.width > 0, f"width must be > 0, got {self.width}")
-        for name in ("base_rounds", "base_epochs", "finetune_rounds", "fusion_rounds", "fusion_epochs"):
-            need(getattr(self, name) >= (0 if name == "base_epochs" else 1), f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("base_rounds", "finetune_rounds", "fusion_rounds", "fusion_epochs", "calib_samples", "apoz_samples",
+                     "fusion_hidden"):
+            need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.base_epochs >= 0, f"base-epochs must be >= 0, got {self.base_epochs}")
+        for name in ("base_lr", "finetune_lr", "fusion_lr", "dirichlet_alpha"):
+            need(getattr(self, name) > 0, f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        need(0.0 <= self.by_group_share <= 1.0, f"by-group-share must be in [0, 1], got {self.by_group_share}")
+        need(self.emphasis >= 1.0, f"emphasis must be >= 1 (1 = no emphasis on the group's classes), got {self.emphasis}")
+        need(self.dataset != "imagefolder" or bool(self.data_root),
+             "dataset imagefolder needs data-root (a folder with train/ and test/, one subfolder per class)")
         need(self.finetune_epochs >= 0, f"finetune-epochs must be >= 0, got {self.finetune_epochs}")
         need(self.round_to >= 1, f"round-to must be >= 1, got {self.round_to}")
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")

@@ -29,6 +29,15 @@ def tensors_record(tensors: dict[str, Any]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(torch.as_tensor(v).detach().cpu().numpy())) for k, v in tensors.items()})
 
 
+def bytes_record(files: dict[str, bytes]) -> ArrayRecord:
+    """Whole files (ONNX graphs) as raw-bytes arrays; Flower splits large arrays into chunks itself."""
+    return ArrayRecord({k: Array(dtype="uint8", shape=(len(b),), stype="raw-bytes", data=bytes(b)) for k, b in files.items()})
+
+
+def record_bytes(record: ArrayRecord) -> dict[str, bytes]:
+    return {k: bytes(v.data) for k, v in record.items()}
+
+
 def json_config(**values: Any) -> ConfigRecord:
     """Nested values (model_args, class lists) travel as JSON strings in a ConfigRecord."""
     return ConfigRecord({k: json.dumps(v) for k, v in values.items()})

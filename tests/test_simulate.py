@@ -34,6 +34,15 @@ def test_default_demo_end_to_end(tmp_path):
         assert abs(report["reduction"] - 0.77) <= 0.01
         assert sum(p.numel() for p in model.parameters()) == report["params_after"]
         assert ckpt["meta"]["classes"] == assignment["groups"][str(k)]["classes"]
+    # phase 4 ran on the nodes: one ONNX file per device, made and parity-checked by a node of its group
+    made = json.loads((run / "devices" / "extractors.json").read_text())
+    partition_group = {int(p): v["group"] for p, v in assignment["nodes"].items()}
+    for part in made["parts"]:
+        assert (run / part["file"]).is_file() and part["server_max_abs_diff"] <= 1e-4
+        assert partition_group[part["node_report"]["partition_id"]] == part["device"]
+    assert (run / "base.onnx").is_file() and "int8_file" not in made["base"]
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert [p["device"] for p in manifest["parts"]] == [0, 1, 2] and manifest["accuracy"]["fp32"]["split"] > 0.9
     ev = json.loads((run / "evaluation.json").read_text())
     assert ev["base"]["accuracy"] > 0.9 and ev["fusion"]["accuracy"] > 0.9
     assert ev["federated"]["nodes"] == 3 and ev["federated"]["samples"] > 0
@@ -52,7 +61,7 @@ def test_default_demo_end_to_end(tmp_path):
 
 def test_resume_after_a_phase_does_not_recompute_it(tmp_path):
     run = tmp_path / "r"
-    fast = ["--set", "base-rounds=2", "--set", "fusion-rounds=2", "--set", "nodes=3", "--set", "devices=2"]
+    fast = ["--set", "base-rounds=2", "--set", "fusion-rounds=2", "--set", "nodes=3", "--set", "devices=2", "--set", "int8=true"]
     r = run_papm("simulate", *fast, "--set", "stop-after=assignment", "--run-dir", run, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["completed"] == ["base", "statistics", "assignment"]
@@ -69,3 +78,12 @@ def test_resume_after_a_phase_does_not_recompute_it(tmp_path):
     assert len(_phase_lines(run, "base")) == 2  # base rounds ran once
     assert len(_phase_lines(run, "statistics")) == 1
     assert (run / "summary.md").exists()
+    # int8=true: every device's INT8 file was calibrated on its exporting node's own training images
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    nodes = json.loads((run / "groups" / "assignment.json").read_text())["nodes"]
+    for part in manifest["parts"]:
+        assert "int8" in part["files"]
+        pid = part["int8_calibration"]["source"].split()[1]
+        assert nodes[pid]["group"] == part["device"] and part["int8_calibration"]["samples"] > 0
+    acc = manifest["accuracy"]
+    assert acc["int8"]["split"] >= acc["fp32"]["split"] - 0.03  # INT8 within 3 points of fp32 on digits
