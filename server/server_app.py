@@ -61,7 +61,8 @@ class PapmRun:
         """Exchange with the given nodes; failed nodes leave the run and are reported by partition id."""
         result = exchange(self.grid, requests, message_type, self.cfg.timeout, group_id=phase)
         for node, why in result.failed.items():
-            pid = self.nodes.get(node, {}).get("partition_id", "?")
+            # before a node's first reply its partition-id is unknown: the node id stands in for it
+            pid = self.nodes.get(node, {}).get("partition_id", f"unknown (node id {node})")
             self.failures.append({"phase": phase, "partition_id": pid, "node_id": node, "reason": why})
             log(WARNING, "node with partition-id %s failed in phase %s: %s", pid, phase, why)
             self.nodes.pop(node, None)
@@ -85,14 +86,19 @@ class PapmRun:
     # ---- start -----------------------------------------------------------------------
     def wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.cfg.timeout
+        said = 0.0
         while True:
             ids = list(self.grid.get_node_ids())
             if len(ids) >= self.cfg.nodes or time.monotonic() > deadline:
                 break
+            if time.monotonic() - said > 15:
+                said = time.monotonic()
+                log(INFO, "waiting for nodes: %d of %d connected (up to %g s, the timeout key)", len(ids), self.cfg.nodes, self.cfg.timeout)
             time.sleep(1.0)
         if len(ids) < self.cfg.devices:
             raise PapmError(f"only {len(ids)} node(s) connected within {self.cfg.timeout:g} s but devices={self.cfg.devices} "
-                            "groups each need one; start more SuperNodes and run again with --resume")
+                            "groups each need one; start more SuperNodes (in a local `flwr run` simulation: "
+                            f"--federation-config \"num-supernodes={self.cfg.nodes}\") and run again")
         if len(ids) < self.cfg.nodes:
             log(WARNING, "%d of %d nodes connected; continuing with those", len(ids), self.cfg.nodes)
         return ids
@@ -140,18 +146,26 @@ class PapmRun:
         completed = self.rd.start(self.cfg, self.resume)
         if completed:
             log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)
-        self.hello()
-        for phase in PHASES:
-            if self.rd.is_done(phase):
-                getattr(self, f"load_{phase}")()
-            else:
-                t0 = time.perf_counter()
-                log(INFO, "phase %s", phase)
-                getattr(self, f"phase_{phase}")()
-                self.rd.mark_done(phase, seconds=round(time.perf_counter() - t0, 2))
-            if self.cfg.stop_after == phase:
-                log(INFO, "stopping after phase %s as asked (stop-after); continue with --resume", phase)
-                return
+        # failures of earlier attempts stay on record (the summary reports them all)
+        self.failures = list(self.rd.state().get("failures", []))
+        phase = "hello"
+        try:
+            self.hello()
+            for phase in PHASES:
+                if self.rd.is_done(phase):
+                    getattr(self, f"load_{phase}")()
+                else:
+                    t0 = time.perf_counter()
+                    log(INFO, "phase %s", phase)
+                    getattr(self, f"phase_{phase}")()
+                    self.rd.mark_done(phase, seconds=round(time.perf_counter() - t0, 2))
+                if self.cfg.stop_after == phase:
+                    log(INFO, "stopping after phase %s as asked (stop-after); continue with --resume", phase)
+                    return
+        except PapmError as e:
+            stops = self.rd.state().get("stops", [])
+            self.rd.note("stops", stops + [{"phase": phase, "reason": str(e), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}])
+            raise
 
     # phase 0
     def phase_base(self) -> None:
@@ -303,7 +317,7 @@ class PapmRun:
                 "bytes": path.stat().st_size,
                 "test_accuracy": {"all": evaluate(model, test, self.info, self.device)["accuracy"],
                                   "group": evaluate(model, test, self.info, self.device, classes=groups[g])["accuracy"]},
-                "apoz_nodes": len(members) if cfg.criterion in ("papm", "apoz") else 0,
+                "apoz_nodes": len(members[g]) if cfg.criterion in ("papm", "apoz") else 0,
             }
             atomic_write_json(d / "prune.json", report)
 
@@ -477,6 +491,7 @@ class PapmRun:
             "federated": federated,
             "devices": devices,
             "failures": self.failures + [f for f in self.rd.state().get("failures", []) if f not in self.failures],
+            "stops": self.rd.state().get("stops", []),
         }
         # The edge bundle: parts + fusion head + base model, checksummed (and INT8 when int8=true),
         # with the test accuracy measured through ONNX Runtime as the devices will run it.

@@ -51,11 +51,13 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
     for name in info.class_names:
         lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} |")
     lines += ["", "## What happened", ""]
-    if ev["failures"]:
-        for f in ev["failures"]:
-            lines.append(f"- phase {f['phase']}: node with partition-id {f['partition_id']} failed ({f['reason']}); "
-                         "the run went on without it")
-    else:
+    for f in ev["failures"]:
+        lines.append(f"- phase {f['phase']}: node with partition-id {f['partition_id']} failed ({f['reason']}); "
+                     "it left the run")
+    for stop in ev.get("stops", []):
+        lines.append(f"- the run stopped in phase {stop['phase']} ({stop['reason']}) and was resumed later; "
+                     "completed phases were kept")
+    if not ev["failures"] and not ev.get("stops"):
         lines.append("- every node answered in every phase")
     return "\n".join(lines) + "\n"
 

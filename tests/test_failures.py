@@ -49,6 +49,23 @@ def test_losing_a_whole_group_stops_clearly_and_resume_continues(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["completed"] == list(PHASES)
     assert (run / "base.pt").stat().st_mtime_ns == base_stamp
+    summary = (run / "summary.md").read_text()  # the earlier attempt stays on record
+    assert "node with partition-id 0 failed" in summary and "the run stopped in phase prune" in summary
+
+
+def test_export_moves_to_the_groups_other_node(tmp_path):
+    """The node that exports its group's extractor fails: the group's other node exports it."""
+    run = tmp_path / "r"
+    r = run_papm("simulate", *FAST, *_sets("nodes=4", "devices=2", "timeout=60"), "--run-dir", run, cwd=tmp_path,
+                 env=_env("query.export:0:raise"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert [(f["phase"], f["partition_id"]) for f in state["failures"]] == [("export", 0)]
+    group_of = {int(p): v["group"] for p, v in json.loads((run / "groups" / "assignment.json").read_text())["nodes"].items()}
+    parts = json.loads((run / "devices" / "extractors.json").read_text())["parts"]
+    exporter = {p["device"]: p["node_report"]["partition_id"] for p in parts}
+    assert exporter[group_of[0]] != 0 and group_of[exporter[group_of[0]]] == group_of[0]
+    assert (run / "bundle" / "manifest.json").exists()
 
 
 def test_raising_handler_is_reported_by_partition_id(tmp_path):
