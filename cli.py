@@ -34,8 +34,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other error: ``error: <problem>; <fix>``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="papm", description="Split a trained ResNet across edge devices with PAPM pruning.")
+    parser = OneLineParser(prog="papm", description="Split a trained ResNet across edge devices with PAPM pruning.")
     parser.add_argument("--version", action="version", version=f"papm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

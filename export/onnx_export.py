@@ -185,6 +185,11 @@ def _feature_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - (sum(p.numel() for p in fc.parameters()) if fc is not None else 0)
 
 
+def _nonzero_params(module: nn.Module, skip_fc: bool = False) -> int:
+    """Parameters that are not exactly zero (what a sparse format could drop)."""
+    return int(sum(int((p != 0).sum()) for name, p in module.named_parameters() if not (skip_fc and name.startswith("fc."))))
+
+
 def _sample(n_total: int, n: int, seed: int) -> torch.Tensor:
     idx = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
     return idx.sort().values
@@ -303,7 +308,8 @@ def export_run(
                           "input_name": "image", "output_name": "features",
                           "input_shape": [None, info.in_channels, info.image_size, info.image_size],
                           "mean": list(info.mean), "std": list(info.std), "feature_size": dims[i],
-                          "params": _feature_params(model), "files": {"fp32": rel}})
+                          "params": _feature_params(model), "nonzero_params": _nonzero_params(model, skip_fc=True),
+                          "files": {"fp32": rel}})
         with torch.no_grad():
             feats = torch.cat([m.features(x_check) for m in extractors], dim=1)
         reports.append({**export_head(head, stage / "head.onnx", feats), "file": "head.onnx", "precision": "fp32"})
@@ -358,8 +364,10 @@ def export_run(
             "parts": parts,
             "head": {"input_name": "features", "output_name": "logits", "feature_order": [int(k) for k in devices],
                      "feature_size": sum(dims), "num_classes": info.num_classes,
-                     "params": sum(p.numel() for p in head.parameters()), "files": {"fp32": file_entry(stage, "head.onnx")}},
+                     "params": sum(p.numel() for p in head.parameters()), "nonzero_params": _nonzero_params(head),
+                     "files": {"fp32": file_entry(stage, "head.onnx")}},
             "base": {"input_name": "image", "output_name": "logits", "params": sum(p.numel() for p in base.parameters()),
+                     "nonzero_params": _nonzero_params(base),
                      "files": {p: file_entry(stage, rel) for p, rel in base_files.items()}},
             "opset": OPSET,
             "exporter": f"torch {torch.__version__} (torch.onnx, {LAST_EXPORTER} exporter)",

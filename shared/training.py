@@ -85,14 +85,17 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageSet, info: DatasetInfo, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
-    """Logits for every sample (float32, on the CPU), in order."""
+    """Logits for every sample (float32, on the CPU), in order.
+
+    Plain fp32, no autocast: class statistics and accuracies are sums that must not depend on
+    how a node batches its data (bf16 logits would make federated sums differ from centralised ones).
+    """
     device = torch.device(device)
     model = model.to(device).eval()
     out = []
     for i in range(0, len(data), batch_size):
         xb = normalise(data.x[i : i + batch_size].to(device), info)
-        with _autocast(device):
-            out.append(model(xb).float().cpu())
+        out.append(model(xb).float().cpu())
     return torch.cat(out) if out else torch.empty(0, info.num_classes)
 
 

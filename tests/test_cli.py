@@ -110,3 +110,14 @@ def test_invalid_option_values(tmp_path, base_ckpt):
         assert needle in line
     line = _one_error_line(run_papm("train", "--dataset", "digits", "--device", "tpu", "--out", "x.pt", cwd=tmp_path))
     assert "unknown device 'tpu'" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["prune", "x.pt", "--classes", "1", "--budget", "abc"], "--budget: expected a number, got 'abc'"),
+    (["prune", "x.pt", "--budget", "0.5"], "required: --classes"),
+    (["groups", "x.pt", "--k", "two"], "--k: invalid int value: 'two'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_are_one_line(tmp_path, args, needle):
+    line = _one_error_line(run_papm(*args, cwd=tmp_path))
+    assert needle in line and "--help" in line

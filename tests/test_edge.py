@@ -165,19 +165,29 @@ def test_bench_writes_csv_and_markdown(exported, digits, tmp_path):
     models = {(row["model"], row["precision"]) for row in rows}
     for precision in ("fp32", "int8"):
         assert ("base (unsplit)", precision) in models
-        assert ("split: slowest part + head", precision) in models and ("split: all parts in turn + head", precision) in models
+        assert ("split: slowest part + head", precision) in models and ("split: all parts in turn + head (measured)", precision) in models
         for k in range(len(GROUPS)):
             assert (f"part {k} (device {k})", precision) in models
     assert ("head", "fp32") in models
     for row in rows:
         assert float(row["lat1_ms"]) > 0 and float(row["latn_p95_ms"]) > 0 and float(row["throughput"]) > 0
         assert int(row["params"]) > 0 and float(row["size_kb"]) > 0
+        assert 0 < int(row["nonzero_params"]) <= int(row["params"]) and 0.0 <= float(row["sparsity"]) < 1.0
+        if row["model"].startswith("part"):  # a pruned part is a fraction of the base model
+            assert 0.0 < float(row["vs_base"]) < 1.0
         if row["model"].startswith(("split", "base")):
             assert 0.0 <= float(row["accuracy"]) <= 1.0
     seq = next(r_ for r_ in rows if r_["model"].startswith("split: all") and r_["precision"] == "fp32")
     par = next(r_ for r_ in rows if r_["model"].startswith("split: slowest") and r_["precision"] == "fp32")
     assert float(seq["lat1_ms"]) >= float(par["lat1_ms"])
     assert "| model |" in (out / "bench.md").read_text() and "split: slowest part + head" in r.stdout
+    # without --test-dir the table shows the accuracy the export measured on the test split
+    r = edge("bench", bundle, "--runs", 2, "--warmup", 1, "--batch", 4, "--out", tmp_path / "bench2")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    split = next(r_ for r_ in csv.DictReader((tmp_path / "bench2" / "bench.csv").open())
+                 if r_["model"].startswith("split: slowest") and r_["precision"] == "fp32")
+    assert float(split["accuracy"]) == pytest.approx(manifest["accuracy"]["fp32"]["split"])
 
 
 def test_bench_test_data_from_npz(exported, digits, tmp_path):
