@@ -61,6 +61,7 @@ def run_deploy(args) -> int:
         print(f"  TLS: CA {kit.ca_cert}, server certificate for {', '.join(spec.all_hosts())}")
         print(f"  node keys (ECDSA P-384, OpenSSH, private ones 0600): {kit.directory / 'keys'}")
     print(f"  node configs: {kit.directory / 'nodes'}")
+    print(f"  bundle signing key pair (Ed25519): {kit.directory / 'signing'} (the private key stays on the coordinator)")
     print(f"  flwr connection [superlink.{kit.connection}] in {kit.flwr_config}")
     print()
     for what, cmd in kit.commands:

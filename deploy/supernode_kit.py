@@ -6,6 +6,7 @@ Torch-free: only ``cryptography`` and ``tomli_w`` (a Flower dependency). Layout 
     DIR/tls/ca.crt ca.key server.crt server.key    TLS (server cert valid for the given hosts)
     DIR/keys/node0 node0.pub ...                   SuperNode auth keys (ECDSA P-384, OpenSSH)
     DIR/nodes/node0.toml ...                       node config (partition-id, num-partitions, data-root)
+    DIR/signing/papm-signing-key.pem, .pub.pem    Ed25519 pair: the run signs its edge bundle, devices verify it
     DIR/COMMANDS.md                                the commands, in the order to run them
 """
 
@@ -285,13 +286,18 @@ def build_commands(spec: KitSpec, d: Path, project_root: Path | None) -> list[tu
         node += ["--node-config", _node_config_arg(node_config(spec, i))]
         needs = "" if spec.insecure else f"; needs tls/ca.crt and keys/node{i}"
         cmds.append((f"Start SuperNode {i} (on device {i}{needs})", " ".join(map(q, node))))
-    run_cfg = f'run-dir="{d / "runs/deploy"}" nodes={spec.nodes}' + (f" devices={spec.nodes}" if spec.nodes < 3 else "")
+    run_cfg = (f'run-dir="{d / "runs/deploy"}" nodes={spec.nodes}' + (f" devices={spec.nodes}" if spec.nodes < 3 else "")
+               + f' sign-key="{d / "signing/papm-signing-key.pem"}"')
     cd = f"cd {q(str(project_root))} && " if project_root else "cd /path/to/papm-fl && "  # the folder with pyproject.toml
     cmds.append(("Run PAPM-FL on the federation (from the project folder)",
                  f"{cd}{home_env}flwr run . {q(spec.connection)} --stream --run-config {q(run_cfg)}"))
     cmds.append(("Check the run's final status: finished:completed or finished:failed "
                  "(`flwr run --stream` exits 0 even when the run failed)",
                  f"{home_env}flwr ls {q(spec.connection)}"))
+    cmds.append(("On a device: predictions from the signed bundle (copy runs/deploy/bundle/ and "
+                 "signing/papm-signing-key.pub.pem there; the edge install needs no torch)",
+                 f"papm infer {q(str(d / 'runs/deploy/bundle'))} photo.png --verify-key "
+                 f"{q(str(d / 'signing/papm-signing-key.pub.pem'))}"))
     return cmds
 
 
@@ -315,7 +321,8 @@ def commands_markdown(spec: KitSpec, kit_dir: Path, cmds: list[tuple[str, str]])
 # ---- the kit -----------------------------------------------------------------------------
 def kit_files(spec: KitSpec) -> list[Path]:
     d = spec.directory
-    files = [d / "COMMANDS.md", *(d / f"nodes/node{i}.toml" for i in range(spec.nodes))]
+    files = [d / "COMMANDS.md", *(d / f"nodes/node{i}.toml" for i in range(spec.nodes)),
+             d / "signing/papm-signing-key.pem", d / "signing/papm-signing-key.pub.pem"]
     if not spec.insecure:
         files += [d / f"tls/{n}" for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
         files += [d / f"keys/node{i}{s}" for i in range(spec.nodes) for s in ("", ".pub")]
@@ -350,6 +357,11 @@ def init_kit(spec: KitSpec) -> Kit:
             _write_secret(d / f"keys/node{i}", private)
             _write_public(d / f"keys/node{i}.pub", public)
             keys.append(d / f"keys/node{i}")
+    from papm.deploy.bundle import generate_keypair
+
+    # the bundle signing pair: the server signs the run's manifest, devices verify with the public half
+    generate_keypair(d / "signing", force=True)
+    os.chmod(d / "signing", 0o700)
     configs = []
     import tomli_w
 

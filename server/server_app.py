@@ -148,6 +148,9 @@ class PapmRun:
             log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)
         # failures of earlier attempts stay on record (the summary reports them all)
         self.failures = list(self.rd.state().get("failures", []))
+        if self.cfg.sign_key and not Path(self.cfg.sign_key).expanduser().is_file():
+            raise PapmError(f"sign-key {self.cfg.sign_key} not found on the server; give the path of an Ed25519 private key "
+                            "(papm deploy init writes one to KIT/signing/) or leave sign-key empty")
         phase = "hello"
         try:
             self.hello()
@@ -498,7 +501,8 @@ class PapmRun:
         from papm.export.onnx_export import export_run
 
         bundle = export_run(self.rd.path, int8=self.cfg.int8, force=True, log=lambda line: log(INFO, "%s", line),
-                            test_split=self.test_split(), from_run=True)
+                            test_split=self.test_split(), from_run=True,
+                            sign_key=str(Path(self.cfg.sign_key).expanduser()) if self.cfg.sign_key else None)
         evaluation["bundle"] = {"path": "bundle", "accuracy": bundle["accuracy"],
                                 "max_abs_diff": max(r["max_abs_diff"] for r in bundle["parity"])}
         atomic_write_json(self.rd.path / "evaluation.json", evaluation)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from .errors import PapmError
 
 # Config keys that do not change what a run computes (a resumed run may change them).
-RUNTIME_ONLY = ("run-dir", "device", "timeout", "stop-after", "progress", "node-timeout")
+RUNTIME_ONLY = ("run-dir", "device", "timeout", "stop-after", "progress", "node-timeout", "sign-key")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RunConfig:
     # phase 4: export (on the nodes: each group's extractor to ONNX, INT8 calibrated on local images)
     int8: bool = False
     calib_samples: int = 256  # local training images per INT8 calibration
+    sign_key: str = ""  # Ed25519 private key (PEM, on the server) that signs the run's bundle manifest
     # phase 5: fusion head
     fusion_rounds: int = 5
     fusion_epochs: int = 5  # local epochs per round

@@ -23,6 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, shipped with flwr
     import tomli as tomllib  # type: ignore[no-redef]
 
+import numpy as np
 import pytest
 
 from papm.shared.config import PHASES
@@ -190,7 +191,7 @@ def test_deploy_init_kit(tmp_path):
     fed = Federation(tmp_path, nodes=2)
     r = fed.init_kit("--hosts", "edge.example,10.1.2.3", "--data-root-template", "/data/node{id}")
     k = fed.kit
-    for key in ("tls/ca.key", "tls/server.key", "keys/node0", "keys/node1"):
+    for key in ("tls/ca.key", "tls/server.key", "keys/node0", "keys/node1", "signing/papm-signing-key.pem"):
         assert stat.S_IMODE((k / key).stat().st_mode) == 0o600, key
     assert (k / "keys/node0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     from cryptography import x509
@@ -207,7 +208,8 @@ def test_deploy_init_kit(tmp_path):
                                                                    "data-root": "/data/node1"}
     commands = (k / "COMMANDS.md").read_text()
     for expected in ("--enable-supernode-auth", f"flwr supernode register {k}/keys/node1.pub papm",
-                     "--port 9095", 'data-root="/data/node1"', f"cd {ROOT} && ", "flwr run . papm"):
+                     "--port 9095", 'data-root="/data/node1"', f"cd {ROOT} && ", "flwr run . papm",
+                     f'sign-key="{k}/signing/papm-signing-key.pem"', f"--verify-key {k}/signing/papm-signing-key.pub.pem"):
         assert expected in commands and expected in r.stdout, expected
     # an existing kit is never overwritten without --force; with --force it is
     again = fed.cli(*DEPLOY_INIT, str(k), "--nodes", "2", "--flwr-home", str(fed.home))
@@ -273,11 +275,20 @@ def test_full_deployment_run(federation, tmp_path):
         fed.start_node(i)
     fed.wait_online(3)
     run_dir = tmp_path / "run"
-    run = fed.wait_run(fed.submit(f'{FAST} run-dir="{run_dir}"'), timeout=900)
+    key = fed.kit / "signing" / "papm-signing-key.pem"
+    run = fed.wait_run(fed.submit(f'{FAST} run-dir="{run_dir}" sign-key="{key}"'), timeout=900)
     assert run["status"] == "finished:completed", (run, fed.log("superlink")[-3000:])
     assert state(run_dir)["completed"] == list(PHASES)
     assert (run_dir / "summary.md").exists()
     assert "failures" not in state(run_dir)
+    # the run's bundle is signed with the kit's key: a device verifies it with the public half
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray((np.arange(64, dtype=np.uint8) * 4).reshape(8, 8), mode="L").save(png)
+    r = fed.cli("-m", "papm.cli", "infer", str(run_dir / "bundle"), str(png), "--json",
+                "--verify-key", str(fed.kit / "signing" / "papm-signing-key.pub.pem"))
+    assert r.returncode == 0, r.stderr
 
 
 def wait_for_log(fed: Federation, name: str, text: str, timeout: float) -> None:
