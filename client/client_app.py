@@ -28,7 +28,7 @@ from papm.shared.node_data import NodeData, load_node_data
 from papm.shared.records import (bytes_record, config_json, json_config, record_run_config, record_state, state_record,
                                  tensors_record)
 from papm.shared.specialise import apoz_subset, group_weights
-from papm.shared.training import TrainSettings, fit, predict_logits, resolve_device
+from papm.shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
 
 app = ClientApp()
 
@@ -111,7 +111,8 @@ def train_base(msg: Message, context: Context) -> Message:
     node = Node(msg, context)
     model = node.model()
     rnd = int(msg.content["papm"]["round"])
-    history = fit(model, node.data.train, node.info(), _settings(node, node.cfg.base_epochs, node.cfg.base_lr, rnd), node.device, progress=False)
+    lr = round_lr(node.cfg.base_lr, rnd, node.cfg.base_rounds)
+    history = fit(model, node.data.train, node.info(), _settings(node, node.cfg.base_epochs, lr, rnd), node.device, progress=False)
     return node.reply({"model": state_record(model.state_dict())}, **{"num-examples": len(node.data.train),
                                                                         "train-loss": history[-1]["loss"] if history else 0.0})
 
@@ -141,7 +142,8 @@ def finetune(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["papm"]["round"])
     info = node.info()
     weights = group_weights(info.num_classes, classes, cfg.emphasis)
-    fit(model, node.data.train, info, _settings(node, cfg.finetune_epochs, cfg.finetune_lr, rnd), node.device,
+    fit(model, node.data.train, info, _settings(node, cfg.finetune_epochs, round_lr(cfg.finetune_lr, rnd, cfg.finetune_rounds), rnd),
+        node.device,
         class_weights=weights if cfg.emphasis_mode == "loss" else None,
         sample_weights=weights[node.data.train.y] if cfg.emphasis_mode == "sampling" else None,
         teacher=node.model("teacher") if cfg.kd else None, progress=False)

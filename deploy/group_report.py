@@ -85,12 +85,22 @@ def similarity_png(analysis: GroupingAnalysis, chosen_k: int | None = None) -> b
                 if i != j:
                     ax.text(j, i, f"{sim[i, j]:.{digits}f}", ha="center", va="center", fontsize=7,
                             color="black" if sim[i, j] > mid else "white")
-    if chosen_k:  # outline the chosen groups where they are contiguous in the leaf order
+    if chosen_k:
+        # every class name takes its group's colour (balanced groups need not be contiguous in the
+        # dendrogram order); groups that are contiguous are also outlined in that colour
+        palette = plt.get_cmap("tab10" if chosen_k <= 10 else "tab20")
+        colour = {cls: palette(g % palette.N) for g, members in enumerate(analysis.partitions[chosen_k]) for cls in members}
+        for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+            for p, label in enumerate(labels):
+                label.set_color(colour[order[p]])
+                label.set_fontweight("bold")
         pos = {cls: p for p, cls in enumerate(order)}
-        for g in analysis.partitions[chosen_k]:
-            ps = sorted(pos[cls] for cls in g)
+        for g, members in enumerate(analysis.partitions[chosen_k]):
+            ps = sorted(pos[cls] for cls in members)
             if ps[-1] - ps[0] + 1 == len(ps):
-                ax.add_patch(plt.Rectangle((ps[0] - 0.5, ps[0] - 0.5), len(ps), len(ps), fill=False, ec="red", lw=2))
+                ax.add_patch(plt.Rectangle((ps[0] - 0.5, ps[0] - 0.5), len(ps), len(ps), fill=False,
+                                           ec=palette(g % palette.N), lw=2.5))
+        ax.set_xlabel(f"class names coloured by their group at K={chosen_k}", fontsize=8)
     bar = fig.colorbar(im, cax=fig.add_subplot(gs[1, 1]))
     bar.set_label("similarity (diagonal = 1, not coloured)")
     buf = io.BytesIO()

@@ -35,8 +35,8 @@ class RunConfig:
     # phase 0: base model (FedAvg unless base-checkpoint is given)
     base_checkpoint: str = ""
     width: float = 0.25
-    base_rounds: int = 5
-    base_epochs: int = 3  # local epochs per round
+    base_rounds: int = 8
+    base_epochs: int = 5  # local epochs per round
     base_lr: float = 0.05
     batch_size: int = 128
     # phase 1: grouping

@@ -84,6 +84,13 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
+def round_lr(lr: float, round_index: int, rounds: int) -> float:
+    """Peak learning rate of FedAvg round ``round_index`` (0-based) of ``rounds``: decays linearly
+    over the rounds (lr, ..., lr / rounds), so the last rounds average models that moved little
+    and the global model settles instead of jumping between local optima."""
+    return lr * (rounds - round_index) / rounds
+
+
 def predict_logits(model: nn.Module, data: ImageSet, info: DatasetInfo, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
     """Logits for every sample (float32, on the CPU), in order.
 

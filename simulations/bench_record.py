@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from papm.shared.files import atomic_write_text
+
 
 def record(out_dir: str | Path, name: str, row: dict, columns: dict[str, str]) -> tuple[Path, Path]:
-    """Write ``<name>.json`` (this run) and append a row to ``<name>.md`` (all runs).
+    """Write ``<name>.json`` (this run) and add a row to ``<name>.md`` (all runs), both atomically.
 
     ``columns`` maps a table header to the key of ``row`` shown under it.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js = out / f"{name}.json"
-    js.write_text(json.dumps(row, indent=2) + "\n")
+    js = atomic_write_text(out / f"{name}.json", json.dumps(row, indent=2) + "\n")
     md = out / f"{name}.md"
-    if not md.exists():
-        md.write_text("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
-    with md.open("a") as f:
-        f.write("| " + " | ".join(str(row.get(key, "")) for key in columns.values()) + " |\n")
+    table = md.read_text() if md.exists() else "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    table += "| " + " | ".join(str(row.get(key, "")) for key in columns.values()) + " |\n"
+    atomic_write_text(md, table)
     return js, md

@@ -44,14 +44,14 @@ def test_default_demo_end_to_end(tmp_path):
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert [p["device"] for p in manifest["parts"]] == [0, 1, 2] and manifest["accuracy"]["fp32"]["split"] > 0.9
     ev = json.loads((run / "evaluation.json").read_text())
-    assert ev["base"]["accuracy"] > 0.9 and ev["fusion"]["accuracy"] > 0.9
+    assert ev["base"]["accuracy"] >= 0.95 and ev["fusion"]["accuracy"] >= 0.94  # the demo: ~98.6% and ~97.5%
     assert ev["federated"]["nodes"] == 3 and ev["federated"]["samples"] > 0
     summary = (run / "summary.md").read_text()
     assert "baseline (unsplit base model)" in summary and "fusion (K pruned extractors + head)" in summary
     assert "| fusion" in r.stdout and "| baseline" in r.stdout  # the results table is printed
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert {r["name"] for r in rows if r["row"] == "accuracy"} == {"baseline", "fusion"}
-    assert len(_phase_lines(run, "base")) == 5 and len(_phase_lines(run, "fusion")) == 5
+    assert len(_phase_lines(run, "base")) == 8 and len(_phase_lines(run, "fusion")) == 5
     # the same run dir is refused without --resume, and an earlier run is not touched
     before = (run / "base.pt").stat().st_mtime_ns
     r = run_papm("simulate", "--run-dir", run, cwd=tmp_path)
