@@ -250,7 +250,7 @@ def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, tes
         rows += parts
         rows.append({**head, "precision": "fp32"})
         split_acc = acc(rt.logits(xt)) if xt is not None else stored.get(precision, {}).get("split")
-        size = sum(r["size_kb"] for r in parts) + head["size_kb"]
+        size = round(sum(r["size_kb"] for r in parts) + head["size_kb"], 1)
         params = sum(r["params"] for r in parts) + head["params"]
         nonzero = sum(r["nonzero_params"] for r in parts) + head["nonzero_params"]
         # devices in parallel: the slowest part, then the head (derived from the stage timings)
@@ -286,6 +286,8 @@ def _cell(key: str, v) -> str:
         return "-"
     if key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms"):
         return f"{v:.3f}"
+    if key == "size_kb":
+        return f"{v:.1f}"
     if key == "throughput":
         return f"{v:.0f}"
     if key in ("accuracy", "sparsity", "vs_base"):

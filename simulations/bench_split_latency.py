@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     split_fp32 = max(m for m, _ in part_fp32) + head_ms[0]
     split_int8 = max(m for m, _ in part_int8) + head_ms[0]
     row = {
-        "width": float(margs["width"]), "input": "x".join(map(str, shape)), "devices": args.devices, "budget": args.budget,
+        "width": float(margs["width"]), "input": "x".join(map(str, shape)), "devices": args.devices, "budget": args.budget, "round_to": args.round_to,
         "base_params": count_params(base), "part_params": [count_params(m) for m in parts], "threads": args.threads,
         "runs": args.runs, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "base_fp32_ms": round(base_ms[0], 3), "base_fp32_p95_ms": round(base_ms[1], 3),
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     print(f"split fp32 (slowest part + head): {split_fp32:.3f} ms = {row['ratio_fp32_split_vs_base']:.3f}x base")
     print(f"split int8 (slowest part + head): {split_int8:.3f} ms = {row['ratio_int8_split_vs_base']:.3f}x base (goal <= 0.2x)")
     js, md = record(args.out, "bench_split_latency", row, {
-        "width": "width", "input": "input", "K": "devices", "budget": "budget", "threads": "threads",
+        "width": "width", "input": "input", "K": "devices", "budget": "budget", "round-to": "round_to", "threads": "threads",
         "base fp32 ms": "base_fp32_ms", "split fp32 ms": "split_fp32_ms", "split int8 ms": "split_int8_ms",
         "int8 split / base": "ratio_int8_split_vs_base", "weights": "weights"})
     print(f"wrote {js} and {md}")
