@@ -83,7 +83,6 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.no_grad()
 def round_lr(lr: float, round_index: int, rounds: int) -> float:
     """Peak learning rate of FedAvg round ``round_index`` (0-based) of ``rounds``: decays linearly
     over the rounds (lr, ..., lr / rounds), so the last rounds average models that moved little
@@ -91,6 +90,7 @@ def round_lr(lr: float, round_index: int, rounds: int) -> float:
     return lr * (rounds - round_index) / rounds
 
 
+@torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageSet, info: DatasetInfo, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
     """Logits for every sample (float32, on the CPU), in order.
 
