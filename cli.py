@@ -229,7 +229,7 @@ def cmd_groups(args) -> int:
     stats = compute_class_stats(model, data, info, device)
     analysis = analyse_stats(stats, info.class_names, args.similarity, args.outputs, args.balanced)
     analysis.extra.update({"checkpoint": str(args.checkpoint), "split": args.split})
-    write_group_report(out, analysis, {"chosen_k": args.k} if args.k else None)
+    write_group_report(out, analysis, chosen_k=args.k)
     print(terminal_table(analysis, max_k=12))
     print(f"report: {(out / 'report.html').resolve()}")
     return 0

@@ -106,7 +106,9 @@ def sign_manifest(bundle_dir: Path | str, private_key: Path | str) -> Path:
     return atomic_write_bytes(bundle_dir / SIGNATURE, base64.b64encode(sig) + b"\n")
 
 
-def verify_signature(bundle_dir: Path | str, public_key: Path | str) -> None:
+def verify_signature(bundle_dir: Path | str, public_key: Path | str, manifest_bytes: bytes | None = None) -> None:
+    """Check manifest.sig against ``manifest_bytes`` (the bytes the caller goes on to parse, so
+    what is verified is exactly what is used) or, without them, against manifest.json on disk."""
     from cryptography.exceptions import InvalidSignature
 
     bundle_dir = Path(bundle_dir)
@@ -120,7 +122,7 @@ def verify_signature(bundle_dir: Path | str, public_key: Path | str) -> None:
     except ValueError:
         raise PapmError(f"{sig_path} is not a base64 signature (damaged); re-export the bundle with --sign-key") from None
     try:
-        key.verify(sig, (bundle_dir / MANIFEST).read_bytes())
+        key.verify(sig, manifest_bytes if manifest_bytes is not None else (bundle_dir / MANIFEST).read_bytes())
     except InvalidSignature:
         raise PapmError(f"{bundle_dir / MANIFEST} does not match its signature under {public_key} (edited after signing, "
                         "or signed with another key); get the original bundle or the right public key") from None
@@ -141,10 +143,11 @@ def write_manifest(bundle_dir: Path | str, manifest: dict[str, Any], sign_key: P
 
 
 def iter_files(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every {"file", "sha256", "bytes"} entry the manifest lists, wherever it sits."""
+    """Every {"file", "sha256", "bytes"} entry the manifest lists, wherever it sits (an entry
+    without a sha256 is yielded too, so that loading refuses it instead of trusting the file)."""
     def walk(node):
         if isinstance(node, dict):
-            if isinstance(node.get("file"), str) and "sha256" in node:
+            if isinstance(node.get("file"), str):
                 yield node
             for v in node.values():
                 yield from walk(v)
@@ -199,10 +202,11 @@ def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None) ->
         raise PapmError(f"bundle folder not found: {bundle_dir}; create it with `papm export RUN_DIR`")
     if not mpath.is_file():
         raise PapmError(f"{bundle_dir} is not an edge bundle (no {MANIFEST}); create one with `papm export RUN_DIR`")
+    raw = mpath.read_bytes()  # read once: the bytes verified are the bytes parsed
     if verify_key is not None:
-        verify_signature(bundle_dir, verify_key)
+        verify_signature(bundle_dir, verify_key, raw)
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PapmError(f"{mpath} is not valid JSON ({str(e).splitlines()[0][:80]}); the bundle is damaged, re-export it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
@@ -215,6 +219,9 @@ def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None) ->
             raise PapmError(f"{mpath} lacks {key!r}; the bundle is damaged, re-export it")
     root = bundle_dir.resolve()
     for entry in iter_files(manifest):
+        if not isinstance(entry.get("sha256"), str):
+            raise PapmError(f"{mpath} lists {entry['file']!r} without a sha256; the manifest is damaged or hand-made, "
+                            "re-export the bundle")
         path = (bundle_dir / entry["file"])
         if root not in path.resolve().parents:  # a manifest must not point outside its bundle
             raise PapmError(f"{mpath} lists {entry['file']!r} outside the bundle; the manifest is damaged, re-export it")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from papm.shared.errors import PapmError
 from papm.shared.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from .grouping import GroupingAnalysis
@@ -144,7 +145,8 @@ def _html_page(analysis: GroupingAnalysis, png: bytes, run: dict | None) -> str:
     if run:
         groups = analysis.group_names(chosen)
         items = "".join(f"<li><b>group {g}</b>: {esc(', '.join(names))}</li>" for g, names in enumerate(groups))
-        run_html = f"<h2>This run: K = {chosen}</h2><ul>{items}</ul>"
+        title = f"Chosen: K = {chosen}" if run.get("outside_run") else f"This run: K = {chosen}"
+        run_html = f"<h2>{title}</h2><ul>{items}</ul>"
         nodes = run.get("nodes") or []
         if nodes:
             head = "".join(f"<th>{esc(n)}</th>" for n in analysis.class_names)
@@ -189,18 +191,23 @@ img {{ max-width: 100%; }}
 """
 
 
-def write_group_report(out_dir: Path | str, analysis: GroupingAnalysis, run: dict | None = None) -> dict[str, Path]:
+def write_group_report(out_dir: Path | str, analysis: GroupingAnalysis, run: dict | None = None,
+                       chosen_k: int | None = None) -> dict[str, Path]:
     """Write the report files into ``out_dir``.
 
     ``run`` (inside a run): ``{"chosen_k": K, "nodes": [{"node": id, "group": g,
     "class_counts": [...]}, ...]}``; adds the run section to the page and writes
-    ``assignment.json`` (node -> group, group -> classes).
+    ``assignment.json`` (node -> group, group -> classes). ``chosen_k`` outside a run
+    (``papm groups --k``): that K is highlighted; no assignment exists.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PapmError(f"{out} is a file, not a folder; give --out a folder for the report files")
     out.mkdir(parents=True, exist_ok=True)
     rows = rows_per_k(analysis)
-    chosen = run.get("chosen_k") if run else None
+    chosen = run.get("chosen_k") if run else chosen_k
     png = similarity_png(analysis, chosen)
+    run_or_k = run if run else ({"chosen_k": chosen, "outside_run": True} if chosen else None)
     order, link = leaf_order(analysis.similarity)
     doc = {
         "classes": analysis.class_names,
@@ -223,7 +230,7 @@ def write_group_report(out_dir: Path | str, analysis: GroupingAnalysis, run: dic
         "groups.csv": atomic_write_text(out / "groups.csv", _csv_text(rows)),
         "groups.json": atomic_write_json(out / "groups.json", doc),
         "similarity.png": atomic_write_bytes(out / "similarity.png", png),
-        "report.html": atomic_write_text(out / "report.html", _html_page(analysis, png, run)),
+        "report.html": atomic_write_text(out / "report.html", _html_page(analysis, png, run_or_k)),
     }
     if run:
         groups = analysis.partitions[chosen]
@@ -239,10 +246,11 @@ def write_group_report(out_dir: Path | str, analysis: GroupingAnalysis, run: dic
 
 def terminal_table(analysis: GroupingAnalysis, max_k: int | None = None) -> str:
     width = len(str(analysis.num_classes))
-    lines = [f"{'K':>{max(width, 2)}}  within  kept   groups"]
+    w = max(width, 2)
+    lines = [f"{'K':>{w}}  {'within':>7}  {'kept':>6}  groups"]
     for r in rows_per_k(analysis):
         if max_k and r["k"] > max_k:
             lines.append(f"... ({analysis.num_classes - max_k} more K in groups.csv)")
             break
-        lines.append(f"{r['k']:>{max(width, 2)}}  {r['mean_within_similarity'] or '  -   ':>6}  {r['confusion_within'] or '  -  ':>5}  {r['groups']}")
+        lines.append(f"{r['k']:>{w}}  {r['mean_within_similarity'] or '-':>7}  {r['confusion_within'] or '-':>6}  {r['groups']}")
     return "\n".join(lines)

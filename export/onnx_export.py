@@ -229,14 +229,17 @@ def export_run(
     from papm.deploy.runtime import EdgeRuntime
     from papm.shared.checkpoint import load_checkpoint, load_head
     from papm.shared.datasets import load_dataset_like, normalise
-    from papm.shared.files import atomic_write_json, refuse_existing
+    from papm.shared.files import atomic_write_json
     from papm.shared.fusion import SplitModel
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "bundle"
     if not run_dir.is_dir():
         raise PapmError(f"run directory not found: {run_dir}; create one with `papm simulate`")
-    refuse_existing(out, force=force)
+    if out.exists() and not out.is_dir():
+        raise PapmError(f"{out} is a file; give --out a folder for the bundle")
+    if out.exists() and not force:
+        raise PapmError(f"{out} already exists; pass --force to replace the bundle or choose another --out")
     if calib_samples < 1:
         raise PapmError(f"--calib-samples must be >= 1, got {calib_samples}")
     base, info, _ = load_checkpoint(run_dir / "base.pt")

@@ -237,6 +237,8 @@ class PapmRun:
         nodes = [{"node": pid, "partition_id": pid, "group": g, "class_counts": [int(x) for x in by_pid[pid]]}
                  for pid, g in sorted(mapping.items())]
         write_group_report(self.rd.path / "groups", self.analysis, {"chosen_k": k, "nodes": nodes})
+        self.rd.log_metrics("assignment", k=k, nodes=len(mapping),
+                            nodes_per_group=[sum(1 for gg in mapping.values() if gg == g) for g in range(k)])
         for g in range(k):
             members = [p for p, gg in mapping.items() if gg == g]
             log(INFO, "group %d (%s): partition-ids %s", g, " ".join(self.info.class_names[c] for c in groups[g]), members)

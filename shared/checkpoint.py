@@ -83,13 +83,18 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetInfo, dict[str, Any]]:
     """(model in eval mode, dataset info, the raw checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    model = build_model(ckpt["model_args"])
+    try:  # metadata from a file: a damaged or hand-edited one must be one clear line, not a traceback
+        info = DatasetInfo.from_dict(ckpt["data"])
+        model = build_model(ckpt["model_args"])
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise PapmError(f"{path} has damaged metadata ({type(e).__name__}: {str(e)[:100]}); re-create it with "
+                        "`papm train` or `papm prune`") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]
         raise PapmError(f"{path}: weights do not match its architecture ({first}); the file is damaged, re-create it") from None
-    return model.to(device).eval(), DatasetInfo.from_dict(ckpt["data"]), ckpt
+    return model.to(device).eval(), info, ckpt
 
 
 HEAD_FORMAT = "papm-fusion-head"
@@ -120,6 +125,11 @@ def load_head(path: Path | str):
         raise PapmError(f"{path} is not a safe fusion head ({first[:120]}); re-run the fusion phase") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != HEAD_FORMAT or ckpt.get("version") != VERSION:
         raise PapmError(f"{path} is not a PAPM fusion head (format {HEAD_FORMAT} v{VERSION}); re-run the fusion phase")
-    head = build_head(ckpt["head_args"])
-    head.load_state_dict(ckpt["state_dict"])
-    return head.eval(), DatasetInfo.from_dict(ckpt["data"]), ckpt
+    try:
+        head = build_head(ckpt["head_args"])
+        head.load_state_dict(ckpt["state_dict"])
+        info = DatasetInfo.from_dict(ckpt["data"])
+    except (TypeError, KeyError, ValueError, AttributeError, RuntimeError) as e:
+        raise PapmError(f"{path} is a damaged fusion head ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                        "re-run the fusion phase") from None
+    return head.eval(), info, ckpt

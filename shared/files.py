@@ -14,6 +14,9 @@ from .errors import PapmError
 
 def refuse_existing(*paths: Path | str, force: bool) -> None:
     """Raise unless every path is free (or ``force`` allows overwriting)."""
+    for path in paths:
+        if Path(path).is_dir():  # --force replaces files, never a whole folder of someone's work
+            raise PapmError(f"{path} is a folder; give a file path to write (or another --out)")
     if force:
         return
     for path in paths:

@@ -52,23 +52,29 @@ class PruneSettings:
             raise PapmError(f"--apoz-samples must be >= 1, got {self.apoz_samples}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise PapmError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if not self.kd_temperature > 0:
+            raise PapmError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        if self.round_to < 1:  # checked here, before any APoZ counting or training
+            raise PapmError(f"--round-to must be >= 1, got {self.round_to}")
         self.finetune.validate()
         return self
 
 
 def parse_classes(text: str | list, info: DatasetInfo) -> list[int]:
-    """``"3,5,8"`` (ids) or class names -> sorted unique class ids, checked against the dataset."""
+    """``"3,5,8"`` (ids) or class names -> sorted unique class ids, checked against the dataset.
+
+    A class name wins over an id: an ImageFolder class folder named ``10`` is that class."""
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
     ids = []
     for item in items:
         if item == "":
             continue
-        if isinstance(item, int) or str(item).lstrip("-").isdigit():
+        if isinstance(item, str) and item in info.class_names:
+            c = info.class_names.index(item)
+        elif isinstance(item, int) or str(item).lstrip("-").isdigit():
             c = int(item)
             if not 0 <= c < info.num_classes:
                 raise PapmError(f"class id {c} is out of range; {info.name} has classes 0..{info.num_classes - 1}")
-        elif item in info.class_names:
-            c = info.class_names.index(item)
         else:
             raise PapmError(f"unknown class {item!r}; use ids 0..{info.num_classes - 1} or names {info.class_names}")
         ids.append(c)

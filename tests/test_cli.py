@@ -121,3 +121,21 @@ def test_invalid_option_values(tmp_path, base_ckpt):
 def test_bad_arguments_are_one_line(tmp_path, args, needle):
     line = _one_error_line(run_papm(*args, cwd=tmp_path))
     assert needle in line and "--help" in line
+
+
+def test_checkpoint_with_damaged_metadata(tmp_path, base_ckpt):
+    """A readable checkpoint whose metadata was damaged (hand-edited) is one line, not a traceback."""
+    ckpt = torch.load(base_ckpt, weights_only=True)
+    del ckpt["data"]["class_names"]
+    torch.save(ckpt, tmp_path / "meta.pt")
+    line = _one_error_line(run_papm("prune", "meta.pt", "--classes", "1", "--budget", "0.5", cwd=tmp_path))
+    assert "meta.pt" in line and "damaged metadata" in line
+
+
+def test_force_never_replaces_a_folder(tmp_path, base_ckpt):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("earlier work")
+    line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", "0.5", "--out", "out", "--force",
+                                    cwd=tmp_path))
+    assert "is a folder" in line
+    assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"

@@ -222,6 +222,14 @@ def test_missing_file(bundle_copy, pngs):
     assert "missing" in line and "head.onnx" in line
 
 
+def test_entry_without_checksum_is_refused(bundle_copy, pngs):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    del m["parts"][0]["files"]["fp32"]["sha256"]  # a hand-edited manifest must not make a file trusted
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    line = only_error_line(edge("infer", bundle_copy, pngs[1][0]))
+    assert "without a sha256" in line and "device-0.onnx" in line
+
+
 def test_wrong_manifest_version(bundle_copy, pngs):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["version"] = 99

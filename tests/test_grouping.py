@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -140,9 +141,9 @@ def test_report_files(tmp_path):
     page = paths["report.html"].read_text()
     for name in names:
         assert name in page
-    for k in range(2, 11):
-        assert f"<td>{k}</td>" in page
-    assert "data:image/png;base64," in page and "K = 3" in page
+    for k in range(2, 11):  # one table row per K (the row starts with K, then its groups)
+        assert re.search(rf"<tr( class=chosen)?><td>{k}</td><td><span class=g>", page), k
+    assert "data:image/png;base64," in page and "This run: K = 3" in page
     assignment = json.loads(paths["assignment.json"].read_text())
     assert assignment["nodes"]["202"] == {"group": 1, "partition_id": 1}
     assert assignment["groups"]["2"]["classes"] == blocks[2]
@@ -159,7 +160,9 @@ def test_papm_groups_cli(tmp_path, base_ckpt):
     doc = json.loads((out / "groups.json").read_text())
     assert doc["balanced"] is True and doc["split"] == "train" and doc["chosen_k"] == 3
     page = (out / "report.html").read_text()
-    assert all(f"<td>{k}</td>" in page for k in range(2, 11))
+    assert all(re.search(rf"<tr( class=chosen)?><td>{k}</td><td><span class=g>", page) for k in range(2, 11))
+    # outside a run --k only highlights that K: no run section, no assignment
+    assert "Chosen: K = 3" in page and "This run" not in page and not (out / "assignment.json").exists()
     # running again without --force keeps the report
     before = (out / "groups.csv").read_bytes()
     r = run_papm("groups", base_ckpt, "--out", "groups", cwd=tmp_path)
