@@ -11,15 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from papm.deploy.edge_cli import positive_int
 
 
 def add_deploy_parser(sub) -> argparse.ArgumentParser:
@@ -32,13 +24,13 @@ def add_deploy_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("directory", metavar="DIR", help="kit folder (created)")
     p.add_argument("--hosts", default="", help="extra names/IPs of the SuperLink for its TLS certificate, comma separated "
                                                "(127.0.0.1 and localhost are always included)")
-    p.add_argument("--nodes", type=_positive, default=3, help="number of SuperNodes (default 3)")
+    p.add_argument("--nodes", type=positive_int, default=3, help="number of SuperNodes (default 3)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help="address the nodes and `flwr` use, HOST:PORT (default 127.0.0.1:8000)")
     p.add_argument("--data-root-template", default="", help="each node's data folder, {id} = partition-id, e.g. /data/node{id} "
                                                             "(default: none; the built-in digits need no data)")
     p.add_argument("--flwr-home", default=None, help="folder of flwr's config.toml (default: $FLWR_HOME or ~/.flwr)")
     p.add_argument("--connection", default="papm", help="name of the `flwr` connection written to config.toml (default papm)")
-    p.add_argument("--days", type=_positive, default=365, help="certificate validity in days (default 365)")
+    p.add_argument("--days", type=positive_int, default=365, help="certificate validity in days (default 365)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication: local experiments only")
     p.add_argument("--force", action="store_true", help="overwrite an existing kit and connection entry")
     return d

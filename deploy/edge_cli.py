@@ -22,7 +22,8 @@ import numpy as np
 from papm.shared.errors import PapmError
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (shared by the torch-free commands)."""
     try:
         v = int(text)
     except ValueError:
@@ -37,7 +38,7 @@ def _add_bundle_args(p: argparse.ArgumentParser, precision: bool = True) -> None
     p.add_argument("--verify-key", default=None, help="Ed25519 public key (PEM): refuse unsigned or altered bundles")
     if precision:
         p.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="part precision (the head runs fp32)")
-    p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
 class _Intermixed:
@@ -62,13 +63,13 @@ def add_infer_parser(sub) -> argparse.ArgumentParser:
     p.__class__ = type("IntermixedParser", (_Intermixed, type(p)), {})
     _add_bundle_args(p)
     p.add_argument("inputs", nargs="*", help="image files and/or folders of images")
-    p.add_argument("--top-k", type=_positive, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--part", type=int, default=None, help="run only this part (device) and write its features with --out")
     p.add_argument("--out", default=None, help="with --part: .npy file for the (N, D) features")
     p.add_argument("--fuse", nargs="+", default=None, metavar="FEATURES.npy",
                    help="finish from per-part feature files (one per part, in part order)")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--force", action="store_true", help="with --part: overwrite --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -78,9 +79,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency / throughput / size / accuracy of the base model, each part and the split model")
     _add_bundle_args(p, precision=False)  # bench measures every precision the bundle has
     p.add_argument("--test-dir", default=None, help="test data: an ImageFolder-style folder (<class>/ or test/<class>/) or an .npz (x, y)")
-    p.add_argument("--runs", type=_positive, default=50, help="timed batch-1 runs per model (after warm-up)")
+    p.add_argument("--runs", type=positive_int, default=50, help="timed batch-1 runs per model (after warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
-    p.add_argument("--batch", type=_positive, default=64, help="batch size for throughput")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size for throughput")
     p.add_argument("--out", default=None, help="folder for bench.csv and bench.md (default: the bundle)")
     return p
 

@@ -328,3 +328,49 @@ def test_supernode_restarted_mid_run_recovers(federation, tmp_path):
     assert (run_dir / "summary.md").exists()
     assert "Receiving: train.fusion message" in fed.log("node2")  # the restarted node took part again
     assert json.loads((run_dir / "evaluation.json").read_text())["federated"]["nodes"] == 3
+
+
+# ---- `flwr run .`: the same app, Flower's own way (local simulation) ---------------------------------------
+def _stop_local_superlink(home: Path) -> None:
+    """`flwr run` starts a detached local SuperLink (its own session) that outlives the command: stop it,
+    found by its database path under this test's FLWR_HOME."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and str(home) in cmdline:
+            pid = int(proc.name)
+            try:
+                pgid = os.getpgid(pid)
+                if pgid != os.getpgid(0):  # never our own process group
+                    os.killpg(pgid, signal.SIGTERM)
+                else:
+                    os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def test_flwr_run_local_simulation_runs_the_same_app(tmp_path):
+    home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PAPM_INJECT_FAULT", None)
+    try:
+        r = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream",
+                            "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+                            "--run-config", f'run-dir="{run_dir}" stop-after="statistics" base-rounds=1 base-epochs=1'],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert (run_dir / "state.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+        assert state(run_dir)["completed"] == ["base", "statistics"]
+        # Flower's run config ([tool.flwr.app.config] + --run-config) became the run's config
+        from papm.shared.config import RunConfig
+
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert cfg["base-rounds"] == 1 and cfg["base-epochs"] == 1 and cfg["nodes"] == 3
+        assert cfg["budget"] == RunConfig().budget and cfg["dataset"] == "digits"
+        assert (run_dir / "groups" / "report.html").exists()
+    finally:
+        _stop_local_superlink(home)

@@ -107,6 +107,14 @@ def test_coupled_residual_channels_get_one_score(digits):
     # the stem and every stage-1 block output are tied by the identity shortcuts
     assert stage1.convs == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
     assert len(stage1.scores) == model.conv1.out_channels
+    # one score per coupled channel: alpha * mean of the members' per-layer normalised L2 norms
+    # + (1 - alpha) * mean of the members' (1 - APoZ)
+    modules, apoz = dict(model.named_modules()), counts.apoz()
+    alpha = 0.5
+    w = torch.stack([modules[c].weight.detach().flatten(1).norm(dim=1) / modules[c].weight.detach().flatten(1).norm(dim=1).max()
+                     for c in stage1.convs]).mean(0)
+    a = torch.stack([1 - apoz[c] for c in stage1.convs if c in apoz]).mean(0)
+    torch.testing.assert_close(torch.as_tensor(stage1.scores).float(), (alpha * w + (1 - alpha) * a).float())
 
 
 @pytest.mark.parametrize("criterion", ["papm", "l1", "apoz", "random"])
