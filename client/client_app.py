@@ -37,7 +37,8 @@ _FEATURES: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
 
 def inject_fault(message_type: str, partition_id: int) -> None:
     """Failure drills: ``PAPM_INJECT_FAULT="train.finetune:1:hang=40"`` makes the node with
-    partition-id 1 stop answering for 40 s (or ``raise``) on that message type, to rehearse
+    partition-id 1 stop answering for 40 s (or ``raise``) on that message type (or, as
+    ``query.export/base``, on one export item), to rehearse
     node loss (the server times out, goes on without it and ignores the late reply) and
     handler errors (reported by partition id). Drills are separated by commas. Unset in
     normal use."""
@@ -154,37 +155,45 @@ def finetune(msg: Message, context: Context) -> Message:
 def export(msg: Message, context: Context) -> Message:
     """Phase 4 on the device: its group's pruned extractor (and, when asked, the unsplit base model)
     to ONNX, checked against PyTorch on this node's own images, and with int8=true quantised to
-    INT8 calibrated on this node's own training images of the group's classes (never test data).
-    The files travel back as raw bytes."""
+    INT8 calibrated on this node's own training images of the item's classes (the group's for an
+    extractor, all for the base model; never test data). The files travel back as raw bytes.
+    Each item succeeds or fails on its own: a failed item is reported, the others still ship."""
     from papm.export.onnx_export import export_for_device, parity_inputs
 
     node = Node(msg, context)
     info = node.info()
-    items = config_json(msg.content["papm"], "items")  # [{"key", "graph", "name"}]
-    classes = config_json(msg.content["papm"], "classes")
+    items = config_json(msg.content["papm"], "items")  # [{"key", "graph", "name", "classes"}]
     seed = node.cfg.seed + node.partition_id
     local = node.data.val if len(node.data.val) >= 8 else node.data.train
     parity_x = parity_inputs(normalise(local.x, info), n=64, seed=seed)
-    calib, calib_from = None, ""
-    if node.cfg.int8:
+
+    def calibration(classes: list[int]) -> tuple[torch.Tensor | None, str]:
+        if not node.cfg.int8:
+            return None, ""
         pool = node.data.train.of_classes(classes) if classes else node.data.train
-        calib_from = "the group's classes" if classes and len(pool) else "all classes"
+        what = "the group's classes" if classes and len(pool) else "all classes"
         if not len(pool):
             pool = node.data.train
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(pool), generator=gen)[: node.cfg.calib_samples].sort().values
-        calib = normalise(pool.x[idx], info).numpy()
+        return normalise(pool.x[idx], info).numpy(), f"partition-id {node.partition_id} training images of {what}"
+
     files, reports = {}, {}
     with tempfile.TemporaryDirectory(prefix="papm-export-") as tmp:
         for item in items:
-            paths, report = export_for_device(node.model(item["key"]), item["graph"], Path(tmp), item["name"], parity_x, calib)
-            for precision, path in paths.items():
-                files[f"{item['name']}.{precision}"] = path.read_bytes()
-            reports[item["name"]] = {**report, "partition_id": node.partition_id, "parity_inputs": "local validation images + random",
-                                     "calibration": {"samples": 0 if calib is None else int(len(calib)),
-                                                     "source": f"partition-id {node.partition_id} training images of {calib_from}"
-                                                     if calib is not None else ""}}
-    reply = node.reply({"files": bytes_record(files)}, **{"num-examples": 0 if calib is None else int(len(calib))})
+            try:
+                inject_fault(f"query.export/{item['name']}", node.partition_id)  # drills for one item only
+                calib, source = calibration(item.get("classes", []))
+                paths, report = export_for_device(node.model(item["key"]), item["graph"], Path(tmp), item["name"], parity_x, calib)
+                for precision, path in paths.items():
+                    files[f"{item['name']}.{precision}"] = path.read_bytes()
+                reports[item["name"]] = {**report, "partition_id": node.partition_id,
+                                         "parity_inputs": "local validation images + random",
+                                         "calibration": {"samples": 0 if calib is None else int(len(calib)), "source": source}}
+            except Exception as e:  # noqa: BLE001 - reported per item; the server hands the item to another node
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                reports[item["name"]] = {"partition_id": node.partition_id, "error": f"{type(e).__name__}: {first}"}
+    reply = node.reply({"files": bytes_record(files)}, **{"num-examples": len(parity_x)})
     reply.content["reports"] = json_config(**reports)
     return reply
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +70,7 @@ def generate_keypair(directory: Path | str, force: bool = False) -> tuple[Path, 
     key = Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    atomic_write_bytes(priv_path, priv)
-    os.chmod(priv_path, 0o600)
+    atomic_write_bytes(priv_path, priv, mode=0o600)  # owner-only before the key is written
     atomic_write_bytes(pub_path, pub)
     return priv_path, pub_path
 

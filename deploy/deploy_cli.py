@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m papm.deploy.deploy_cli init DIR ...`` (the same as ``papm deploy init``)."""
     from papm.shared.errors import PapmError
 
-    parser = argparse.ArgumentParser(prog="papm")
+    from papm.cli import OneLineParser
+
+    parser = OneLineParser(prog="papm")
     add_deploy_parser(parser.add_subparsers(dest="command", required=True))
     try:
         return run_deploy(parser.parse_args(["deploy", *(sys.argv[1:] if argv is None else argv)]))

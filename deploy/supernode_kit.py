@@ -16,7 +16,6 @@ import datetime as dt
 import ipaddress
 import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from papm.shared.errors import PapmError
-from papm.shared.files import atomic_write_text
+from papm.shared.files import atomic_write_bytes, atomic_write_text
 
 ALWAYS_HOSTS = ("127.0.0.1", "localhost")  # loopback always works, also for tests
 FIRST_NODE_PORT = 9094  # flower-supernode's default; node i gets 9094 + i (ports clash on one machine)
@@ -104,18 +103,8 @@ class Kit:
 
 # ---- key material ------------------------------------------------------------------------
 def _write_secret(path: Path, data: bytes) -> None:
-    """Write a private key atomically with 0600 from the start (mkstemp creates 0600 files,
-    so the key is never readable by others, not even for a moment)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """A private key: atomic, and 0600 from the start (never readable by others, not even for a moment)."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:

@@ -149,6 +149,22 @@ def export_base(model: nn.Module, path: Path | str, inputs: torch.Tensor) -> dic
     return report
 
 
+INT8_MAX_REL_ERROR = 0.5  # an INT8 graph whose outputs differ more than this from fp32 is broken, not just quantised
+
+
+def int8_check(fp32_path: Path | str, int8_path: Path | str, inputs: torch.Tensor,
+               max_rel_error: float = INT8_MAX_REL_ERROR) -> dict:
+    """Sanity check of an INT8 graph against its fp32 graph on the same inputs: it loads, gives the
+    same output shape, finite values, and a relative error ||q - f|| / ||f|| within ``max_rel_error``
+    (quantisation costs a few percent; a wrong or damaged file costs far more)."""
+    x = inputs.float().numpy()
+    ref, got = run_onnx(fp32_path, x), run_onnx(int8_path, x)
+    if got.shape != ref.shape or not np.isfinite(got).all():
+        return {"ok": False, "rel_error": float("inf"), "max_rel_error": max_rel_error}
+    rel = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+    return {"ok": rel <= max_rel_error, "rel_error": rel, "max_rel_error": max_rel_error}
+
+
 def export_for_device(model: nn.Module, graph: str, out_dir: Path | str, name: str, parity_x: torch.Tensor,
                       calibration: np.ndarray | None = None) -> tuple[dict[str, Path], dict]:
     """What a node does in the export phase: ``model`` to ``<name>.onnx`` (``graph`` "features"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -270,6 +271,7 @@ class PapmRun:
         settings = PruneSettings(budget=cfg.budget, criterion=cfg.criterion, alpha=cfg.alpha, round_to=cfg.round_to,
                                  apoz_samples=cfg.apoz_samples).validate()
         counts: dict[int, ActivationCounts] = {g: ActivationCounts() for g in range(len(groups))}
+        apoz_nodes = {g: 0 for g in range(len(groups))}  # nodes whose APoZ counts went into each group's plan
         if cfg.criterion in ("papm", "apoz"):
             members = self.group_nodes()
             papm, arrays = self.model_payload(self.base, self.base_args)
@@ -279,6 +281,7 @@ class PapmRun:
             for g, ns in members.items():
                 for n in ns:
                     if n in replies:
+                        apoz_nodes[g] += 1
                         counts[g] = counts[g] + ActivationCounts.from_arrays(
                             {k: torch.from_numpy(np.array(v.numpy())) for k, v in replies[n]["counts"].items()})
             self.group_nodes()  # a group whose every node failed just now stops the run here
@@ -322,7 +325,7 @@ class PapmRun:
                 "bytes": path.stat().st_size,
                 "test_accuracy": {"all": evaluate(model, test, self.info, self.device)["accuracy"],
                                   "group": evaluate(model, test, self.info, self.device, classes=groups[g])["accuracy"]},
-                "apoz_nodes": len(members[g]) if cfg.criterion in ("papm", "apoz") else 0,
+                "apoz_nodes": apoz_nodes[g],
             }
             atomic_write_json(d / "prune.json", report)
 
@@ -337,24 +340,68 @@ class PapmRun:
         """On the devices: each group's extractor to ONNX (and INT8 with int8=true, calibrated on the
         exporting node's own training images), checked against PyTorch there on local images.
 
-        One node per group exports (the first live one; the next if it fails); the unsplit base
-        model, kept in the bundle for comparison, goes to a spare node when there is one. The
-        server checks every returned fp32 graph against its own copy of the model on held-out
-        test inputs (a check, nothing is fitted) before it writes it.
+        One node per group exports (the first live one); the unsplit base model, kept in the bundle
+        for comparison, goes to a spare node when there is one. Before the server keeps a file it
+        checks it itself, on held-out test inputs (a check, nothing is fitted): fp32 against its own
+        copy of the model, INT8 against that fp32 graph. An item that fails (on the node or in that
+        check) goes to the next node of its group; a group whose nodes all failed stops the run.
         """
-        from papm.export.onnx_export import feature_graph, parity, parity_inputs, check_parity
+        from papm.export.onnx_export import feature_graph, int8_check, parity, parity_inputs
         from papm.shared.datasets import normalise
         from papm.shared.records import record_bytes
 
         extractors = self.extractors()
         x_check = parity_inputs(normalise(self.test_split().x, self.info), n=64, seed=self.cfg.seed)
+        # INT8 is judged on real images only: its ranges were calibrated on images, noise saturates them
+        x_real = x_check[:-8] if len(x_check) > 8 else x_check
         groups = self.assignment["groups"]
         # what must be exported: name -> (model, args, graph, classes, group or None, destination stem)
         todo: dict[str, tuple] = {f"device-{g}": (e, self._args_of(g), "features", groups[g], g,
                                                    self.rd.device_dir(g) / "extractor") for g, e in enumerate(extractors)}
         todo["base"] = (self.base, self.base_args, "logits", [], None, self.rd.path / "base")
         tried: dict[str, set[int]] = {name: set() for name in todo}
-        parts: dict[int, dict] = {}
+        done: dict[str, dict] = {}
+
+        def item_failed(name: str, node: int, why: str) -> None:
+            pid = self.nodes.get(node, {}).get("partition_id", f"unknown (node id {node})")
+            self.failures.append({"phase": "export", "partition_id": pid, "node_id": node, "item": name,
+                                  "reason": why, "left_run": False})
+            log(WARNING, "export of %s on partition-id %s failed: %s; trying another node", name, pid, why)
+            self.rd.note("failures", self.failures)
+
+        def accept(name: str, files: dict[str, bytes], report: dict) -> None:
+            """Check the node's files against the server's own models, then move them into place."""
+            model, _, graph, _, g, stem = todo[name]
+            if "error" in report:
+                raise PapmError(report["error"])
+            fp32, int8 = stem.with_suffix(".onnx"), stem.with_name(stem.name + ".int8.onnx")
+            incoming = {p: stem.with_name(f".{stem.name}.incoming.{p}.onnx") for p in ("fp32", "int8") if f"{name}.{p}" in files}
+            if "fp32" not in incoming or (self.cfg.int8 and "int8" not in incoming):
+                raise PapmError(f"the reply lacks {name}'s {'INT8' if 'fp32' in incoming else 'fp32'} file")
+            try:
+                for p, path in incoming.items():
+                    atomic_write(path, lambda t, b=files[f"{name}.{p}"]: Path(t).write_bytes(b))
+                check = parity(feature_graph(model) if graph == "features" else model, incoming["fp32"], x_check)
+                if not check["ok"]:
+                    raise PapmError(f"its ONNX differs from the server's model by {check['max_abs_diff']:.3g}")
+                entry = {"file": str(fp32.relative_to(self.rd.path)), "node_report": report,
+                         "server_max_abs_diff": check["max_abs_diff"], "tolerance": check["tolerance"],
+                         "feature_dim" if graph == "features" else "num_classes": int(check["output_shape"][0])}
+                if "int8" in incoming:
+                    q = int8_check(incoming["fp32"], incoming["int8"], x_real)
+                    if not q["ok"]:
+                        raise PapmError(f"its INT8 graph is off by {q['rel_error']:.3g} relative to fp32")
+                    entry.update(int8_file=str(int8.relative_to(self.rd.path)), int8_rel_error=q["rel_error"])
+                os.replace(incoming["fp32"], fp32)
+                if "int8" in incoming:
+                    os.replace(incoming["int8"], int8)
+            finally:
+                for path in incoming.values():
+                    path.unlink(missing_ok=True)
+            done[name] = entry
+            self.rd.log_metrics("export", model=name, partition_id=report["partition_id"], max_abs_diff=report["max_abs_diff"],
+                                server_max_abs_diff=check["max_abs_diff"], int8_rel_error=entry.get("int8_rel_error"))
+
         while todo:
             members = self.group_nodes()
             plan: dict[int, list[str]] = {}
@@ -367,52 +414,41 @@ class PapmRun:
                                     "see the failures in state.json, fix the nodes and continue with --resume")
                 plan.setdefault(free[0], []).append(name)
             if "base" in todo:
-                busy = set(plan)
-                spare = [n for n in self.nodes if n not in busy and n not in tried["base"]]
-                pick = spare[0] if spare else next((n for n in plan if n not in tried["base"]),
-                                                  next((n for n in self.nodes if n not in tried["base"]), None))
+                untried = [n for n in self.nodes if n not in tried["base"]]
+                spare = [n for n in untried if n not in plan]
+                pick = spare[0] if spare else (untried[0] if untried else None)
                 if pick is None:
                     raise PapmError("no node could export the base model; fix the nodes and continue with --resume")
                 plan.setdefault(pick, []).append("base")
             requests = {}
             for n, names in plan.items():
-                papm, arrays = {"data-info": self.info.to_dict(), "items": [], "classes": []}, {}
+                papm, arrays = {"data-info": self.info.to_dict(), "items": []}, {}
                 for name in names:
                     model, args, graph, classes, _, _ = todo[name]
                     key = name.replace("-", "_")
                     papm[f"{key}-args"] = args
-                    papm["items"].append({"key": key, "graph": graph, "name": name})
-                    papm["classes"] = papm["classes"] or classes
+                    # calibration classes per item: the group's for an extractor, all for the base model
+                    papm["items"].append({"key": key, "graph": graph, "name": name, "classes": classes})
                     arrays[key] = state_record(model.state_dict())
                     tried[name].add(n)
                 requests[n] = self.content(papm, **arrays)
             replies = self.send("export", "query.export", requests)
             for n, content in replies.items():
-                files = record_bytes(content["files"])
-                reports = {k: json.loads(v) for k, v in content["reports"].items()}
+                try:
+                    files = record_bytes(content["files"])
+                    reports = {k: json.loads(v) for k, v in content["reports"].items()}
+                except (KeyError, ValueError) as e:  # a malformed reply: that node's items go elsewhere
+                    for name in plan[n]:
+                        item_failed(name, n, f"malformed reply ({type(e).__name__}: {e}); server and client versions differ?")
+                    continue
                 for name in plan[n]:
-                    model, _, graph, _, g, stem = todo.pop(name)
-                    fp32 = stem.with_suffix(".onnx")
-                    atomic_write(fp32, lambda p, b=files[f"{name}.fp32"]: Path(p).write_bytes(b))
-                    # the server's own check of what came back, on held-out inputs (never fitted on)
-                    server_check = parity(feature_graph(model) if graph == "features" else model, fp32, x_check)
-                    check_parity(server_check, f"{fp32} (from partition-id {reports[name]['partition_id']})")
-                    entry = {"file": str(fp32.relative_to(self.rd.path)), "node_report": reports[name],
-                             "server_max_abs_diff": server_check["max_abs_diff"], "tolerance": server_check["tolerance"],
-                             "feature_dim" if graph == "features" else "num_classes": int(server_check["output_shape"][0])}
-                    if f"{name}.int8" in files:
-                        int8 = stem.with_name(stem.name + ".int8.onnx")
-                        atomic_write(int8, lambda p, b=files[f"{name}.int8"]: Path(p).write_bytes(b))
-                        entry["int8_file"] = str(int8.relative_to(self.rd.path))
-                    if g is not None:
-                        parts[g] = {"device": g, **entry}
-                    else:
-                        base_entry = entry
-                    self.rd.log_metrics("export", model=name, partition_id=reports[name]["partition_id"],
-                                        max_abs_diff=reports[name]["max_abs_diff"], server_max_abs_diff=server_check["max_abs_diff"],
-                                        int8=f"{name}.int8" in files)
-        atomic_write_json(self.rd.path / "devices" / "extractors.json",
-                          {"parts": [parts[g] for g in sorted(parts)], "base": base_entry, "int8": self.cfg.int8})
+                    try:
+                        accept(name, files, reports.get(name, {"error": "no report for this item"}))
+                        todo.pop(name)
+                    except Exception as e:  # noqa: BLE001 - a bad file (or ONNX Runtime refusing it) fails the item only
+                        item_failed(name, n, str(e) if isinstance(e, PapmError) else f"{type(e).__name__}: {e}")
+        parts = [{"device": g, **done[f"device-{g}"]} for g in range(len(groups))]
+        atomic_write_json(self.rd.path / "devices" / "extractors.json", {"parts": parts, "base": done["base"], "int8": self.cfg.int8})
 
     def load_export(self) -> None:
         pass

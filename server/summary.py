@@ -52,8 +52,12 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
         lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} |")
     lines += ["", "## What happened", ""]
     for f in ev["failures"]:
-        lines.append(f"- phase {f['phase']}: node with partition-id {f['partition_id']} failed ({f['reason']}); "
-                     "it left the run")
+        if f.get("left_run", True):
+            lines.append(f"- phase {f['phase']}: node with partition-id {f['partition_id']} failed ({f['reason']}); "
+                         "it left the run")
+        else:
+            lines.append(f"- phase {f['phase']}: node with partition-id {f['partition_id']} could not export "
+                         f"{f.get('item', 'its file')} ({f['reason']}); another node took the job over")
     for stop in ev.get("stops", []):
         lines.append(f"- the run stopped in phase {stop['phase']} ({stop['reason']}) and was resumed later; "
                      "completed phases were kept")

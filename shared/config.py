@@ -147,9 +147,9 @@ class RunConfig:
         need(self.outputs in ("softmax", "logits"), f"outputs must be softmax or logits, got {self.outputs!r}")
         need(self.emphasis_mode in ("loss", "sampling"), f"emphasis-mode must be loss or sampling, got {self.emphasis_mode!r}")
         need(self.width > 0, f"width must be > 0, got {self.width}")
-        for name in ("base_rounds", "finetune_rounds", "fusion_rounds", "fusion_epochs", "calib_samples", "apoz_samples",
-                     "fusion_hidden"):
+        for name in ("base_rounds", "finetune_rounds", "fusion_rounds", "fusion_epochs", "calib_samples", "apoz_samples"):
             need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.fusion_hidden >= 0, f"fusion-hidden must be >= 0 (0 = a linear head), got {self.fusion_hidden}")
         need(self.base_epochs >= 0, f"base-epochs must be >= 0, got {self.base_epochs}")
         for name in ("base_lr", "finetune_lr", "fusion_lr", "dirichlet_alpha"):
             need(getattr(self, name) > 0, f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

@@ -24,10 +24,13 @@ def refuse_existing(*paths: Path | str, force: bool) -> None:
             raise PapmError(f"{path} already exists; pass --force to overwrite it or choose another --out")
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path | str, write: Callable[[Path], None], mode: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     The rename is atomic on POSIX, so readers see either the old file or the new one.
+    ``mode`` (e.g. 0o600 for a private key) is set before anything is written, so the
+    content is never readable by others, not even for a moment; by default the file gets
+    the usual permissions (0666 less the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +39,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp_path, mode if mode is not None else 0o666 & ~umask)  # mkstemp makes 0600
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -46,8 +49,8 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data), mode)
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

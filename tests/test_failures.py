@@ -78,3 +78,20 @@ def test_raising_handler_is_reported_by_partition_id(tmp_path):
                          "reason": failures[0]["reason"]}]
     assert "injected fault on query.class_stats for partition-id 2" in failures[0]["reason"]
     assert "node with partition-id 2 failed" in (run / "summary.md").read_text()
+
+
+def test_one_failed_export_item_moves_and_the_node_stays(tmp_path):
+    """The base model's export fails on every node but partition-id 0: the item moves from node to
+    node until one exports it, and the nodes that failed it stay in the run."""
+    run = tmp_path / "r"
+    r = run_papm("simulate", *FAST, *_sets("nodes=3", "devices=2", "timeout=60", "int8=true"), "--run-dir", run,
+                 cwd=tmp_path, env=_env("query.export/base:1:raise,query.export/base:2:raise"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    failures = json.loads((run / "state.json").read_text())["failures"]
+    assert failures and all(f["item"] == "base" and f["left_run"] is False and f["partition_id"] in (1, 2) for f in failures)
+    made = json.loads((run / "devices" / "extractors.json").read_text())
+    assert made["base"]["node_report"]["partition_id"] == 0 and made["base"]["int8_rel_error"] < 0.5
+    # INT8 of the base model: calibrated on all classes of the exporting node
+    assert "all classes" in made["base"]["node_report"]["calibration"]["source"]
+    assert json.loads((run / "evaluation.json").read_text())["federated"]["nodes"] == 3
+    assert "could not export base" in (run / "summary.md").read_text()
