@@ -174,9 +174,8 @@ def export(msg: Message, context: Context) -> Message:
         what = "the group's classes" if classes and len(pool) else "all classes"
         if not len(pool):
             pool = node.data.train
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(pool), generator=gen)[: node.cfg.calib_samples].sort().values
-        return normalise(pool.x[idx], info).numpy(), f"partition-id {node.partition_id} training images of {what}"
+        images = pool.sample(node.cfg.calib_samples, seed).x
+        return normalise(images, info).numpy(), f"partition-id {node.partition_id} training images of {what}"
 
     files, reports = {}, {}
     with tempfile.TemporaryDirectory(prefix="papm-export-") as tmp:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import warnings
@@ -206,11 +207,6 @@ def _nonzero_params(module: nn.Module, skip_fc: bool = False) -> int:
     return int(sum(int((p != 0).sum()) for name, p in module.named_parameters() if not (skip_fc and name.startswith("fc."))))
 
 
-def _sample(n_total: int, n: int, seed: int) -> torch.Tensor:
-    idx = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
-    return idx.sort().values
-
-
 def export_run(
     run_dir: Path | str,
     out: Path | str | None = None,
@@ -304,7 +300,7 @@ def export_run(
         local = splits.train.of_classes(classes) if classes else splits.train
         if not len(local):
             local = splits.train
-        return normalise(local.x[_sample(len(local), calib_samples, seed=seed)], info).numpy()
+        return normalise(local.sample(calib_samples, seed).x, info).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
@@ -347,8 +343,6 @@ def export_run(
             made_by = run_dir / "devices" / "extractors.json"
             device_reports = {}
             if made_by.is_file():
-                import json
-
                 doc = json.loads(made_by.read_text())
                 device_reports = {f"device-{p['device']}": p.get("node_report", {}) for p in doc.get("parts", [])}
 

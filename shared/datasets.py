@@ -74,6 +74,13 @@ class ImageSet:
         mask = torch.isin(self.y, torch.as_tensor(list(classes), dtype=torch.long))
         return ImageSet(self.x[mask], self.y[mask])
 
+    def sample(self, max_samples: int, seed: int) -> "ImageSet":
+        """At most ``max_samples`` of these images: a seeded random choice, kept in their order."""
+        if len(self) <= max_samples:
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        return self.subset(idx.sort().values)
+
 
 @dataclass
 class DataSplits:

@@ -97,10 +97,7 @@ def apoz_subset(train: ImageSet, classes: list[int], max_samples: int, seed: int
     data = train.of_classes(classes)
     if len(data) == 0:
         raise PapmError(f"the training data holds no sample of classes {classes}; APoZ needs the group's data")
-    if len(data) > max_samples:
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:max_samples]
-        data = data.subset(idx.sort().values)
-    return data
+    return data.sample(max_samples, seed)
 
 
 def accuracy_summary(model: nn.Module, split: ImageSet, info: DatasetInfo, classes: list[int], device) -> dict:
