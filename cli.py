@@ -34,14 +34,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments are one line, like every other error: ``error: <problem>; <fix>``, exit 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .shared.errors import OneLineParser
+
     parser = OneLineParser(prog="papm", description="Split a trained ResNet across edge devices with PAPM pruning.")
     parser.add_argument("--version", action="version", version=f"papm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
 
     # torch-free modules (export_cli imports torch only inside run_export)
-    from papm.deploy.deploy_cli import add_deploy_parser
-    from papm.deploy.edge_cli import add_bench_parser, add_infer_parser
-    from papm.export.export_cli import add_export_parser
+    from .deploy.deploy_cli import add_deploy_parser
+    from .deploy.edge_cli import add_bench_parser, add_infer_parser
+    from .deploy.export_cli import add_export_parser
 
     add_export_parser(sub)
     add_infer_parser(sub)
@@ -112,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from papm import __version__
+    from . import __version__
 
     return __version__
 
@@ -124,11 +119,11 @@ def _progress(args) -> bool | None:
 def cmd_train(args) -> int:
     import torch
 
-    from papm.shared.checkpoint import save_checkpoint
-    from papm.shared.datasets import load_dataset
-    from papm.shared.files import refuse_existing
-    from papm.shared.models import ResNet18, count_params, model_args
-    from papm.shared.training import TrainSettings, evaluate, fit, resolve_device
+    from .shared.checkpoint import save_checkpoint
+    from .shared.datasets import load_dataset
+    from .shared.files import refuse_existing
+    from .shared.models import ResNet18, count_params, model_args
+    from .shared.training import TrainSettings, evaluate, fit, resolve_device
 
     out = Path(args.out)
     refuse_existing(out, force=args.force)
@@ -157,11 +152,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from papm.shared.checkpoint import read_checkpoint, load_checkpoint, save_checkpoint
-    from papm.shared.datasets import load_dataset_like
-    from papm.shared.files import atomic_write_json, refuse_existing
-    from papm.shared.specialise import PruneSettings, parse_classes, specialise
-    from papm.shared.training import TrainSettings, resolve_device
+    from .shared.checkpoint import load_checkpoint, save_checkpoint
+    from .shared.datasets import load_dataset_like
+    from .shared.files import atomic_write_json, refuse_existing
+    from .shared.specialise import PruneSettings, parse_classes, specialise
+    from .shared.training import TrainSettings, resolve_device
 
     out = Path(args.out)
     report_path = out.with_suffix(".json")
@@ -178,7 +173,7 @@ def cmd_prune(args) -> int:
     device = resolve_device(args.device)
     base, info, ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("kind") != "base":
-        from papm.shared.errors import PapmError
+        from .shared.errors import PapmError
 
         raise PapmError(f"{args.checkpoint} is a {ckpt.get('kind')} checkpoint; prune a base checkpoint from `papm train`")
     classes = parse_classes(args.classes, info)
@@ -195,7 +190,7 @@ def cmd_prune(args) -> int:
     acc = report["accuracy"]
     print(f"params {report['params_before']:,} -> {report['params_after']:,} (reduction {report['reduction']:.4f}, "
           f"target {settings.budget:g}); MACs {report['macs_before']:,} -> {report['macs_after']:,}")
-    print(f"test accuracy      all classes   group classes")
+    print("test accuracy      all classes   group classes")
     for key in ("base", "before_finetune", "after_finetune"):
         print(f"  {key:<16} {acc[key]['all']:>10.4f}   {acc[key]['group']:>12.4f}")
     print(f"saved {out} and {report_path}")
@@ -203,14 +198,14 @@ def cmd_prune(args) -> int:
 
 
 def cmd_groups(args) -> int:
-    from papm.deploy.group_report import REPORT_FILES, terminal_table, write_group_report
-    from papm.deploy.grouping import SIMILARITIES, analyse_stats, check_k
-    from papm.shared.checkpoint import load_checkpoint
-    from papm.shared.class_stats import compute_class_stats
-    from papm.shared.datasets import load_dataset_like
-    from papm.shared.errors import PapmError
-    from papm.shared.files import refuse_existing
-    from papm.shared.training import resolve_device
+    from .deploy.group_report import REPORT_FILES, terminal_table, write_group_report
+    from .shared.checkpoint import load_checkpoint
+    from .shared.class_stats import compute_class_stats
+    from .shared.datasets import load_dataset_like
+    from .shared.errors import PapmError
+    from .shared.files import refuse_existing
+    from .shared.grouping import SIMILARITIES, analyse_stats, check_k
+    from .shared.training import resolve_device
 
     if args.similarity not in SIMILARITIES:
         raise PapmError(f"unknown similarity {args.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
@@ -237,7 +232,7 @@ def cmd_groups(args) -> int:
 
 def resolve_run_config(args):
     """Defaults <- --config file <- --set overrides <- --run-dir."""
-    from papm.shared.config import RunConfig
+    from .shared.config import RunConfig
 
     cfg = RunConfig()
     if args.config:
@@ -254,7 +249,7 @@ def cmd_simulate(args) -> int:
         for k, v in cfg.to_flower().items():
             print(f"{k} = {json.dumps(v)}")
         return 0
-    from papm.simulations.simulate import simulate
+    from .simulations.simulate import simulate
 
     print(f"papm simulate: {cfg.dataset}, {cfg.nodes} nodes, K={cfg.devices} devices, budget {cfg.budget:g} -> {cfg.run_dir}")
     run_dir = simulate(cfg, resume=args.resume, force=args.force)
@@ -266,25 +261,25 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from papm.export.export_cli import run_export
+    from .deploy.export_cli import run_export
 
     return run_export(args)
 
 
 def cmd_infer(args) -> int:
-    from papm.deploy.edge_cli import run_infer
+    from .deploy.edge_cli import run_infer
 
     return run_infer(args)
 
 
 def cmd_bench(args) -> int:
-    from papm.deploy.edge_cli import run_bench
+    from .deploy.edge_cli import run_bench
 
     return run_bench(args)
 
 
 def cmd_deploy(args) -> int:
-    from papm.deploy.deploy_cli import run_deploy
+    from .deploy.deploy_cli import run_deploy
 
     return run_deploy(args)
 
@@ -296,7 +291,7 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simul
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from papm.shared.errors import PapmError
+    from .shared.errors import PapmError
 
     try:
         return COMMANDS[args.command](args)

@@ -1,1 +1,1 @@
-"""Flower ClientApp: the edge node side of a PAPM run."""
+"""Flower ClientApp: the edge node side of a PAPM run (handlers, the message records, failure drills)."""

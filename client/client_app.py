@@ -9,9 +9,7 @@ device's own ImageFolder tree). Each reply names the node's ``partition-id``.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -19,35 +17,20 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from papm.shared.class_stats import compute_class_stats
-from papm.shared.datasets import DatasetInfo, normalise
-from papm.shared.fusion import build_head, fit_head, feature_sums
-from papm.shared.importance import count_zero_activations
-from papm.shared.models import build_model
-from papm.shared.node_data import NodeData, load_node_data
-from papm.shared.records import (bytes_record, config_json, json_config, record_run_config, record_state, state_record,
-                                 tensors_record)
-from papm.shared.specialise import apoz_subset, group_weights
-from papm.shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
+from ..shared.class_stats import compute_class_stats
+from ..shared.datasets import DatasetInfo, normalise
+from ..shared.fusion import build_head, feature_sums, fit_head
+from ..shared.importance import count_zero_activations
+from ..shared.models import build_model
+from ..shared.node_data import NodeData, load_node_data
+from ..shared.specialise import apoz_subset, group_weights
+from ..shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
+from .drills import drill_mods
+from .records import bytes_record, config_json, json_config, record_run_config, record_state, state_record, tensors_record
 
-app = ClientApp()
+app = ClientApp(mods=drill_mods())  # failure drills only when PAPM_INJECT_FAULT is set
 
 _FEATURES: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()  # per-process cache
-
-
-def inject_fault(message_type: str, partition_id: int) -> None:
-    """Failure drills: ``PAPM_INJECT_FAULT="train.finetune:1:hang=40"`` makes the node with
-    partition-id 1 stop answering for 40 s (or ``raise``) on that message type (or, as
-    ``query.export/base``, on one export item), to rehearse
-    node loss (the server times out, goes on without it and ignores the late reply) and
-    handler errors (reported by partition id). Drills are separated by commas. Unset in
-    normal use."""
-    for spec in filter(None, os.environ.get("PAPM_INJECT_FAULT", "").split(",")):
-        kind, pid, mode = spec.rsplit(":", 2)
-        if kind == message_type and int(pid) == partition_id:
-            if mode.startswith("hang"):
-                time.sleep(float(mode.partition("=")[2] or 3600))
-            raise RuntimeError(f"injected fault on {message_type} for partition-id {partition_id}")
 
 
 class Node:
@@ -58,7 +41,6 @@ class Node:
         nc = context.node_config
         self.partition_id = int(nc.get("partition-id", 0))
         self.num_partitions = int(nc.get("num-partitions", 1))
-        inject_fault(msg.metadata.message_type, self.partition_id)
         self.data: NodeData = load_node_data(self.cfg, self.partition_id, self.num_partitions, str(nc.get("data-root", "")))
         self.device = resolve_device(self.cfg.device)
         self.msg = msg
@@ -158,7 +140,7 @@ def export(msg: Message, context: Context) -> Message:
     INT8 calibrated on this node's own training images of the item's classes (the group's for an
     extractor, all for the base model; never test data). The files travel back as raw bytes.
     Each item succeeds or fails on its own: a failed item is reported, the others still ship."""
-    from papm.export.onnx_export import export_for_device, parity_inputs
+    from ..export.onnx_export import export_for_device, parity_inputs
 
     node = Node(msg, context)
     info = node.info()
@@ -181,7 +163,6 @@ def export(msg: Message, context: Context) -> Message:
     with tempfile.TemporaryDirectory(prefix="papm-export-") as tmp:
         for item in items:
             try:
-                inject_fault(f"query.export/{item['name']}", node.partition_id)  # drills for one item only
                 calib, source = calibration(item.get("classes", []))
                 paths, report = export_for_device(node.model(item["key"]), item["graph"], Path(tmp), item["name"], parity_x, calib)
                 for precision, path in paths.items():

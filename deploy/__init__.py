@@ -1,1 +1,2 @@
-"""Grouping reports, edge bundles, the torch-free runtime and SuperNode deployment helpers."""
+"""Deliverables: the group report, edge bundles (assembly, manifest, signature), the torch-free
+ONNX Runtime split inference, and the SuperNode deployment kit."""

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from papm.shared.errors import PapmError
-from papm.shared.files import atomic_write_bytes
+from ..shared.errors import PapmError
+from ..shared.files import atomic_write_bytes
 
 BUNDLE_FORMAT = "papm-edge-bundle"
 BUNDLE_VERSION = 1

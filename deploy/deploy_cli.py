@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from papm.deploy.edge_cli import positive_int
+from .edge_cli import positive_int
 
 
 def add_deploy_parser(sub) -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def add_deploy_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_deploy(args) -> int:
-    from papm.deploy.supernode_kit import INSECURE_WARNING, KitSpec, init_kit
+    from .supernode_kit import INSECURE_WARNING, KitSpec, init_kit
 
     if args.deploy_command != "init":  # argparse allows only init today
         raise SystemExit(f"unknown deploy action {args.deploy_command}")
@@ -72,9 +72,7 @@ def run_deploy(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m papm.deploy.deploy_cli init DIR ...`` (the same as ``papm deploy init``)."""
-    from papm.shared.errors import PapmError
-
-    from papm.cli import OneLineParser
+    from ..shared.errors import OneLineParser, PapmError
 
     parser = OneLineParser(prog="papm")
     add_deploy_parser(parser.add_subparsers(dest="command", required=True))

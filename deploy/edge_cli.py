@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from papm.shared.errors import PapmError
+from ..shared.errors import PapmError
 
 
 def positive_int(text: str) -> int:
@@ -95,8 +95,8 @@ def _format_top(top: list[dict]) -> str:
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from papm.deploy.bundle import load_bundle
-    from papm.deploy.runtime import EdgeRuntime, expand_inputs, softmax
+    from .bundle import load_bundle
+    from .runtime import EdgeRuntime, expand_inputs, softmax
 
     if args.fuse and (args.inputs or args.part is not None):
         raise PapmError("--fuse finishes from feature files: give no images and no --part with it")
@@ -123,7 +123,7 @@ def run_infer(args: argparse.Namespace) -> int:
         rt.part_entry(args.part)  # range check before reading any image
         chunks = [rt.part_features(args.part, rt.normalise(rt.load_images(files[i : i + args.batch_size])))
                   for i in range(0, len(files), args.batch_size)]
-        from papm.shared.files import atomic_write_bytes
+        from ..shared.files import atomic_write_bytes
 
         features = np.concatenate(chunks).astype(np.float32)
         out = Path(args.out)
@@ -193,7 +193,7 @@ def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_dir():
         raise PapmError(f"test data not found: {path}; give an ImageFolder-style folder or an .npz")
     root = path / "test" if (path / "test").is_dir() else path
-    from papm.shared.images import IMAGE_SUFFIXES
+    from ..shared.images import IMAGE_SUFFIXES
 
     files, labels = [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -209,7 +209,7 @@ def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
 
 def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, test=None) -> list[dict]:
     """One row per model and precision, plus the derived split totals."""
-    from papm.deploy.runtime import EdgeRuntime, make_session
+    from .runtime import EdgeRuntime, make_session
 
     m = bundle.manifest
     inp = m["input"]
@@ -306,9 +306,9 @@ def markdown_table(rows: list[dict], batch: int) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from papm.deploy.bundle import load_bundle
-    from papm.deploy.runtime import EdgeRuntime, default_threads
-    from papm.shared.files import atomic_write_text
+    from ..shared.files import atomic_write_text
+    from .bundle import load_bundle
+    from .runtime import EdgeRuntime, default_threads
 
     bundle = load_bundle(args.bundle, args.verify_key)
     threads_all = args.threads or default_threads()

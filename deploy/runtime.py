@@ -16,9 +16,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from papm.deploy.bundle import Bundle
-from papm.shared.errors import PapmError
-from papm.shared.images import IMAGE_SUFFIXES, load_image, normalise_array
+from ..shared.errors import PapmError
+from ..shared.images import IMAGE_SUFFIXES, load_image, normalise_array
+from .bundle import Bundle
 
 PRECISIONS = ("fp32", "int8")
 

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from papm.shared.errors import PapmError
-from papm.shared.files import atomic_write_bytes, atomic_write_text
+from ..shared.errors import PapmError
+from ..shared.files import atomic_write_bytes, atomic_write_text
 
 ALWAYS_HOSTS = ("127.0.0.1", "localhost")  # loopback always works, also for tests
 FIRST_NODE_PORT = 9094  # flower-supernode's default; node i gets 9094 + i (ports clash on one machine)
@@ -346,7 +346,7 @@ def init_kit(spec: KitSpec) -> Kit:
             _write_secret(d / f"keys/node{i}", private)
             _write_public(d / f"keys/node{i}.pub", public)
             keys.append(d / f"keys/node{i}")
-    from papm.deploy.bundle import generate_keypair
+    from .bundle import generate_keypair
 
     # the bundle signing pair: the server signs the run's manifest, devices verify with the public half
     generate_keypair(d / "signing", force=True)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from papm.shared.errors import PapmError
+from ..shared.errors import PapmError
 
 CALIB_BATCH = 32
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from papm.shared.errors import PapmError
+from ..shared.errors import PapmError
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from papm.shared.errors import PapmError
+from ..shared.errors import PapmError
 
 PULL_INTERVAL = 0.1
 

@@ -12,9 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from papm.shared.config import PHASES, RunConfig
-from papm.shared.errors import PapmError
-from papm.shared.files import atomic_write_json
+import torch
+from torch import nn
+
+from ..shared.checkpoint import load_checkpoint
+from ..shared.class_stats import ClassStatistics
+from ..shared.config import PHASES, RunConfig
+from ..shared.datasets import DatasetInfo
+from ..shared.errors import PapmError
+from ..shared.files import atomic_write_json
 
 
 class RunDirectory:
@@ -34,8 +40,36 @@ class RunDirectory:
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    @property
+    def base_file(self) -> Path:
+        return self.path / "base.pt"
+
+    @property
+    def assignment_file(self) -> Path:
+        return self.path / "groups" / "assignment.json"
+
     def device_dir(self, k: int) -> Path:
         return self.path / "devices" / f"device-{k}"
+
+    # ---- phase outputs, read back by later phases ------------------------------------
+    def load_base(self) -> tuple[nn.Module, DatasetInfo, dict]:
+        """(base model, the run's dataset info, its model_args) from base.pt."""
+        model, info, ckpt = load_checkpoint(self.base_file)
+        return model, info, ckpt["model_args"]
+
+    def load_class_stats(self) -> ClassStatistics:
+        return ClassStatistics.from_arrays(torch.load(self.path / "class_stats.pt", weights_only=True))
+
+    def load_assignment(self) -> dict[str, Any]:
+        """{"k", "groups" (class ids per group), "partition_group" (partition id -> group)}."""
+        doc = json.loads(self.assignment_file.read_text())
+        return {"k": doc["k"], "groups": [doc["groups"][str(g)]["classes"] for g in range(doc["k"])],
+                "partition_group": {int(p): int(v["group"]) for p, v in doc["nodes"].items()}}
+
+    def load_extractor(self, k: int) -> tuple[nn.Module, dict]:
+        """Device k's pruned model and its model_args."""
+        model, _, ckpt = load_checkpoint(self.device_dir(k) / "pruned.pt")
+        return model, ckpt["model_args"]
 
     # ---- lifecycle -----------------------------------------------------------------
     def exists(self) -> bool:

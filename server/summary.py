@@ -7,9 +7,9 @@ import io
 import math
 from pathlib import Path
 
-from papm.shared.config import RunConfig
-from papm.shared.datasets import DatasetInfo
-from papm.shared.files import atomic_write_text
+from ..shared.config import RunConfig
+from ..shared.datasets import DatasetInfo
+from ..shared.files import atomic_write_text
 
 
 def _pct(x) -> str:

@@ -179,7 +179,7 @@ class RunConfig:
         return [k for k in a if k not in RUNTIME_ONLY and a[k] != b[k]]
 
 
-PHASES = ("base", "statistics", "assignment", "prune", "export", "fusion", "evaluation")
+PHASES = ("base", "statistics", "assignment", "prune", "export", "fusion", "evaluation", "bundle")
 
 
 def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:

@@ -1,4 +1,7 @@
-"""The one exception type users see: a single line naming the problem and the fix."""
+"""The one exception type users see: a single line naming the problem and the fix, and the
+argument parser that reports bad arguments the same way."""
+
+import argparse
 
 
 class PapmError(Exception):
@@ -8,3 +11,10 @@ class PapmError(Exception):
     """
 
     exit_code = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other error: ``error: <problem>; <fix>``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")

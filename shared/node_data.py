@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from .config import RunConfig
-from .datasets import DataSplits, DatasetInfo, ImageSet, load_dataset
+from .datasets import DatasetInfo, DataSplits, ImageSet, load_dataset
 from .errors import PapmError
 from .partition import partition
 

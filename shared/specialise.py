@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .datasets import DataSplits, DatasetInfo, ImageSet
+from .datasets import DatasetInfo, DataSplits, ImageSet
 from .errors import PapmError
 from .importance import CRITERIA, ActivationCounts, count_zero_activations, make_importance
 from .models import model_args as make_model_args

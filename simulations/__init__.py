@@ -1,1 +1,1 @@
-"""One-machine simulated runs, experiment suites and benchmarks."""
+"""One-machine simulated runs (`papm simulate`) on Flower's simulation engine."""

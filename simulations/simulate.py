@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from papm.shared.config import PHASES, RunConfig
-from papm.shared.errors import PapmError
+from ..shared.config import PHASES, RunConfig
+from ..shared.errors import PapmError
 
 
 def backend_config(cfg: RunConfig) -> dict:
@@ -27,10 +26,9 @@ def backend_config(cfg: RunConfig) -> dict:
 
 def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     """Run (or resume) the whole pipeline; returns the run directory."""
-    from papm.server.run_directory import RunDirectory
-
-    from papm.deploy.grouping import check_k
-    from papm.shared.node_data import server_test_split
+    from ..server.run_directory import RunDirectory
+    from ..shared.grouping import check_k
+    from ..shared.node_data import server_test_split
 
     # The server holds the test split anyway: check K against the classes before any work starts.
     check_k(cfg.devices, server_test_split(cfg).info.num_classes)
@@ -56,8 +54,8 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
 
     from flwr.simulation import run_simulation
 
-    from papm.client.client_app import app as client_app
-    from papm.server.server_app import build_server_app
+    from ..client.client_app import app as client_app
+    from ..server.server_app import build_server_app
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from papm.deploy.group_report import write_group_report
-from papm.deploy.grouping import (SIMILARITIES, analyse_groups, analyse_stats, balanced_groups, class_similarity,
+from papm.shared.grouping import (SIMILARITIES, analyse_groups, analyse_stats, balanced_groups, class_similarity,
                                   cluster_classes, confusion_within)
 from papm.shared.checkpoint import load_checkpoint
 from papm.shared.class_stats import ClassStatistics, compute_class_stats

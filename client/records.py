@@ -1,7 +1,8 @@
 """Translation between the pure-PyTorch objects and Flower records.
 
-The only module of ``shared/`` that imports Flower; the server and the client
-both use it, so a payload is packed and unpacked by the same code.
+The message contract of the ClientApp: the server (which sends to the client) and the
+client both use this module, so a payload is packed and unpacked by the same code.
+``shared/`` never imports Flower; this is where PyTorch meets Flower's records.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .config import RunConfig
-from .errors import PapmError
+from ..shared.config import RunConfig
+from ..shared.errors import PapmError
 
 
 def state_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

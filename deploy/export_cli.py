@@ -24,14 +24,14 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from papm.export.onnx_export import export_run
-    from papm.shared.errors import PapmError
+    from ..shared.errors import PapmError
+    from .assemble import export_run
 
     sign_key = args.sign_key
     if getattr(args, "new_key", None):
         if sign_key:
             raise PapmError("give either --sign-key or --new-key, not both")
-        from papm.deploy.bundle import generate_keypair
+        from .bundle import generate_keypair
 
         sign_key, pub = generate_keypair(args.new_key)
         print(f"new key pair: {sign_key} (private, keep it safe) and {pub} (give this to the devices)")

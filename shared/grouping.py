@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from papm.shared.errors import PapmError
+from .errors import PapmError
 
 SIMILARITIES = ("correlation", "cosine", "covariance", "confusion")
 

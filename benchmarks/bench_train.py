@@ -2,8 +2,8 @@
 plain PyTorch loop (DataLoader + per-image torchvision transforms) on the same model,
 data, batch size and device.
 
-    python -m papm.simulations.bench_train                    # digits, width 0.25, CPU
-    python -m papm.simulations.bench_train --dataset cifar10 --data-root DIR --width 1.0 --device cuda
+    python benchmarks/bench_train.py                    # digits, width 0.25, CPU
+    python benchmarks/bench_train.py --dataset cifar10 --data-root DIR --width 1.0 --device cuda
 
 Prints images/s of both and their ratio, and writes benchmarks/bench_train.json and
 appends a row to benchmarks/bench_train.md.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from papm.shared.datasets import load_dataset
 from papm.shared.models import ResNet18
 from papm.shared.training import TrainSettings, fit, resolve_device
-from papm.simulations.bench_record import record
+from bench_record import record
 
 
 def plain_loop(model, splits, epochs, batch_size, device) -> float:

@@ -1,7 +1,7 @@
 """Split INT8 latency against the unsplit fp32 base model, at batch 1, on this CPU.
 
-    python -m papm.simulations.bench_split_latency                       # width 1.0, 3x32x32, K=3, budget 0.77
-    python -m papm.simulations.bench_split_latency --checkpoint base.pt  # a trained base instead of random weights
+    python benchmarks/bench_split_latency.py                       # width 1.0, 3x32x32, K=3, budget 0.77
+    python benchmarks/bench_split_latency.py --checkpoint base.pt  # a trained base instead of random weights
 
 Latency does not depend on what the weights learned, so by default the base is a
 freshly initialised ResNet-18 (width 1.0 = 11.17M parameters); K copies are pruned
@@ -31,7 +31,7 @@ from papm.shared.fusion import FusionHead
 from papm.shared.importance import make_importance
 from papm.shared.models import ResNet18, count_params, model_args
 from papm.shared.pruning import prune_to_budget
-from papm.simulations.bench_record import record
+from bench_record import record
 
 
 def batch1_ms(path: Path, x: np.ndarray, runs: int, threads: int) -> tuple[float, float]:

@@ -2,11 +2,11 @@
 same phases run in one process without Flower's runtime, and the peak memory of a
 simulation.
 
-    python -m papm.simulations.bench_flower                        # digits demo
-    python -m papm.simulations.bench_flower --set nodes=10 --set devices=3
-    python -m papm.simulations.bench_flower --set dataset=cifar10 --set data-root=DIR ...
+    python benchmarks/bench_flower.py                        # digits demo
+    python benchmarks/bench_flower.py --set nodes=10 --set devices=3
+    python benchmarks/bench_flower.py --set dataset=cifar10 --set data-root=DIR ...
 
-"Without Flower" means the very same ServerApp phases (``PapmRun``) and ClientApp
+"Without Flower" means the very same ServerApp phases (``RunDriver``) and ClientApp
 handlers, connected by :class:`DirectGrid`, which hands each message straight to the
 ClientApp in this process, one node after another. The difference is what Flower's
 runtime costs: Ray start-up, actor scheduling, message (de)serialisation.
@@ -32,7 +32,7 @@ from typing import Iterable
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from papm.simulations.bench_record import record
+from bench_record import record
 
 
 class DirectGrid(Grid):
@@ -128,10 +128,11 @@ def run_direct(cfg) -> float:
     from papm.client.client_app import app as client_app
 
     torch.set_num_threads(1)
-    from papm.server.server_app import PapmRun
+    from papm.server.driver import RunDriver
+    from papm.server.phases import PHASE_RUNNERS
 
     t0 = time.perf_counter()
-    PapmRun(DirectGrid(client_app, cfg.nodes), cfg, resume=False).run()
+    RunDriver(DirectGrid(client_app, cfg.nodes), cfg, resume=False).run(PHASE_RUNNERS)
     return time.perf_counter() - t0
 
 

@@ -1,0 +1,192 @@
+"""The run driver: node bookkeeping, one exchange with the nodes, and the phase loop.
+
+Phases (``server/phases/``, DESIGN.md) run in order: base -> statistics -> assignment ->
+prune -> export -> fusion -> evaluation -> bundle. Each reads its inputs from the run
+directory and writes its outputs there before it is marked complete, so a run resumes
+after the last completed phase. The server never reads a node's data: everything it knows
+about it arrives as sums in replies; it only holds the held-out test split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from ..client.records import json_config, message_content, state_record
+from ..shared.config import PHASES, RunConfig
+from ..shared.datasets import DatasetInfo, ImageSet
+from ..shared.errors import PapmError
+from ..shared.grouping import check_k
+from ..shared.node_data import server_test_split
+from ..shared.training import resolve_device
+from .messaging import exchange
+from .run_directory import RunDirectory
+
+
+class RunDriver:
+    """What every phase works with: the grid, the config, the run directory and the live nodes."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool):
+        self.grid, self.cfg, self.resume = grid, cfg, resume
+        self.rd = RunDirectory(cfg.run_dir)
+        self.device = resolve_device(cfg.device)
+        self.nodes: dict[int, dict] = {}  # node id -> {"partition_id", "class_counts", "num_examples"}
+        self.failures: list[dict] = []
+        self.node_info: DatasetInfo | None = None  # the nodes' data, with the run's normalisation (from hello)
+        self._test: ImageSet | None = None
+
+    # ---- exchanges ---------------------------------------------------------------------
+    def send(self, phase: str, message_type: str, requests: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        """Exchange with the given nodes; failed nodes leave the run and are reported by partition id."""
+        result = exchange(self.grid, requests, message_type, self.cfg.timeout, group_id=phase)
+        for node, why in result.failed.items():
+            # before a node's first reply its partition-id is unknown: the node id stands in for it
+            pid = self.nodes.get(node, {}).get("partition_id", f"unknown (node id {node})")
+            self.failures.append({"phase": phase, "partition_id": pid, "node_id": node, "reason": why})
+            log(WARNING, "node with partition-id %s failed in phase %s: %s", pid, phase, why)
+            self.nodes.pop(node, None)
+        if self.failures:
+            self.rd.note("failures", self.failures)
+        return {n: r.content for n, r in result.replies.items()}
+
+    def item_failed(self, phase: str, node: int, item: str, why: str) -> None:
+        """One job of a node failed (the node stays in the run; another node takes the job)."""
+        pid = self.nodes.get(node, {}).get("partition_id", f"unknown (node id {node})")
+        self.failures.append({"phase": phase, "partition_id": pid, "node_id": node, "item": item,
+                              "reason": why, "left_run": False})
+        log(WARNING, "%s of %s on partition-id %s failed: %s; trying another node", phase, item, pid, why)
+        self.rd.note("failures", self.failures)
+
+    def content(self, papm: dict, **records) -> RecordDict:
+        rd = message_content(self.cfg, papm=json_config(**papm))
+        for k, v in records.items():
+            rd[k] = v
+        return rd
+
+    @staticmethod
+    def model_payload(model, args, key: str = "model") -> tuple[dict, dict]:
+        return {f"{key}-args": args}, {key: state_record(model.state_dict())}
+
+    def extractors_payload(self, loaded: list[tuple]) -> tuple[dict, dict]:
+        """The message fields that carry every (model, args) extractor: ``extractor-k-args`` and ``extractor-k``."""
+        papm, arrays = {"extractors": len(loaded)}, {}
+        for k, (model, args) in enumerate(loaded):
+            p, a = self.model_payload(model, args, f"extractor-{k}")
+            papm.update(p)
+            arrays.update(a)
+        return papm, arrays
+
+    def test_split(self) -> ImageSet:
+        if self._test is None:
+            self._test = server_test_split(self.cfg).test
+        return self._test
+
+    # ---- nodes -------------------------------------------------------------------------
+    def wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.timeout
+        said = 0.0
+        while True:
+            ids = list(self.grid.get_node_ids())
+            if len(ids) >= self.cfg.nodes or time.monotonic() > deadline:
+                break
+            if time.monotonic() - said > 15:
+                said = time.monotonic()
+                log(INFO, "waiting for nodes: %d of %d connected (up to %g s, the timeout key)", len(ids), self.cfg.nodes, self.cfg.timeout)
+            time.sleep(1.0)
+        if len(ids) < self.cfg.devices:
+            raise PapmError(f"only {len(ids)} node(s) connected within {self.cfg.timeout:g} s but devices={self.cfg.devices} "
+                            "groups each need one; start more SuperNodes (in a local `flwr run` simulation: "
+                            f"--federation-config \"num-supernodes={self.cfg.nodes}\") and run again")
+        if len(ids) < self.cfg.nodes:
+            log(WARNING, "%d of %d nodes connected; continuing with those", len(ids), self.cfg.nodes)
+        return ids
+
+    def hello(self) -> None:
+        """Who the nodes are, what data they hold (classes, image shape) and the run's normalisation (from sums)."""
+        ids = self.wait_for_nodes()
+        replies = self.send("hello", "query.hello", {n: self.content({}) for n in ids})
+        names = None
+        total = sq = None
+        count = 0
+        for node, content in replies.items():
+            m = content["metrics"]
+            stats = {k: torch.from_numpy(np.array(v.numpy())) for k, v in content["stats"].items()}
+            desc = {k: json.loads(v) for k, v in content["node"].items()}
+            if names is None:
+                names, shape = desc["class_names"], (desc["in_channels"], desc["image_size"])
+                aug = (desc["hflip"], desc["crop_padding"], desc["dataset"])
+            elif desc["class_names"] != names or (desc["in_channels"], desc["image_size"]) != shape:
+                raise PapmError(f"node with partition-id {int(m['partition-id'])} has classes {desc['class_names']} "
+                                f"and {desc['in_channels']}x{desc['image_size']} images, unlike the others; give every node the same classes")
+            self.nodes[node] = {"partition_id": int(m["partition-id"]), "class_counts": stats["class-counts"].tolist(),
+                                "num_examples": int(m["num-examples"])}
+            total = stats["pixel-sum"] if total is None else total + stats["pixel-sum"]
+            sq = stats["pixel-sqsum"] if sq is None else sq + stats["pixel-sqsum"]
+            count += int(m["pixels-per-channel"])
+        if not self.nodes:
+            raise PapmError("no node answered; check that the SuperNodes are running and reach the SuperLink")
+        pids = sorted(v["partition_id"] for v in self.nodes.values())
+        if len(set(pids)) != len(pids):
+            raise PapmError(f"two nodes report the same partition-id ({pids}); give every SuperNode its own partition-id")
+        mean = total / count
+        std = (sq / count - mean * mean).clamp_min(1e-6).sqrt()
+        self.node_info = DatasetInfo(name=aug[2], class_names=names, in_channels=shape[0], image_size=shape[1],
+                                     mean=[round(float(v), 6) for v in mean], std=[round(float(v), 6) for v in std],
+                                     hflip=aug[0], crop_padding=aug[1], split_seed=self.cfg.seed,
+                                     val_fraction=self.cfg.val_fraction, source=self.cfg.data_root)
+        check_k(self.cfg.devices, len(names))  # more devices than classes: stop before any work
+        log(INFO, "%d nodes: partition-ids %s; %d classes", len(self.nodes), pids, len(names))
+
+    def node_by_pid(self) -> dict[int, int]:
+        return {v["partition_id"]: n for n, v in self.nodes.items()}
+
+    def group_nodes(self, assignment: dict) -> dict[int, list[int]]:
+        """Group -> node ids of the live nodes serving it; a group with none stops the run."""
+        by_pid = self.node_by_pid()
+        out: dict[int, list[int]] = {g: [] for g in range(assignment["k"])}
+        for pid, g in assignment["partition_group"].items():
+            if pid in by_pid:
+                out[g].append(by_pid[pid])
+        lost = [g for g, ns in out.items() if not ns]
+        if lost:
+            pids = {g: [p for p, gg in assignment["partition_group"].items() if gg == g] for g in lost}
+            raise PapmError(f"device group(s) {lost} lost every node (partition-ids {pids}); bring a node of each back "
+                            "and continue with --resume")
+        return out
+
+    # ---- the phase loop ----------------------------------------------------------------
+    def run(self, runners: dict[str, Callable[["RunDriver"], None]]) -> None:
+        """Every phase not yet complete, in order: ``runners[phase](self)``, then mark it complete."""
+        completed = self.rd.start(self.cfg, self.resume)
+        if completed:
+            log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)
+        # failures of earlier attempts stay on record (the summary reports them all)
+        self.failures = list(self.rd.state().get("failures", []))
+        if self.cfg.sign_key and not Path(self.cfg.sign_key).expanduser().is_file():
+            raise PapmError(f"sign-key {self.cfg.sign_key} not found on the server; give the path of an Ed25519 private key "
+                            "(papm deploy init writes one to KIT/signing/) or leave sign-key empty")
+        phase = "hello"
+        try:
+            self.hello()
+            for phase in PHASES:
+                if not self.rd.is_done(phase):
+                    t0 = time.perf_counter()
+                    log(INFO, "phase %s", phase)
+                    runners[phase](self)
+                    self.rd.mark_done(phase, seconds=round(time.perf_counter() - t0, 2))
+                if self.cfg.stop_after == phase:
+                    log(INFO, "stopping after phase %s as asked (stop-after); continue with --resume", phase)
+                    return
+        except PapmError as e:
+            stops = self.rd.state().get("stops", [])
+            self.rd.note("stops", stops + [{"phase": phase, "reason": str(e), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}])
+            raise

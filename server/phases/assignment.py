@@ -1,0 +1,70 @@
+"""Phase 2, assignment: which node serves which device group.
+
+The groups for K = ``devices`` come from the class statistics (``class_stats.pt``); each
+node goes to the group whose classes make up most of its training data, every group
+served by floor(N/K) or ceil(N/K) nodes. Output: ``groups/assignment.json`` (and the
+report page with the run's section).
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.common.logger import log
+from scipy.optimize import linear_sum_assignment
+
+from ...deploy.group_report import write_group_report
+from ...shared.errors import PapmError
+from ...shared.grouping import analyse_stats
+
+if TYPE_CHECKING:
+    from ..driver import RunDriver
+
+
+def assign_nodes(class_counts: dict[int, np.ndarray], groups: list[list[int]]) -> dict[int, int]:
+    """Node (partition id) -> group, every group served by floor(N/K) or ceil(N/K) nodes.
+
+    A node's affinity for a group is the share of its training samples that belong to
+    the group's classes; the assignment maximises the total affinity (Hungarian
+    method over group slots), so a node whose data is mostly cats serves the cat group.
+    """
+    nodes = sorted(class_counts)
+    k = len(groups)
+    if len(nodes) < k:
+        raise PapmError(f"{k} device groups need at least {k} nodes, but only {len(nodes)} are available; "
+                        "start more SuperNodes or lower devices")
+    affinity = np.zeros((len(nodes), k))
+    for i, n in enumerate(nodes):
+        counts = np.asarray(class_counts[n], dtype=np.float64)
+        total = max(counts.sum(), 1.0)
+        for g, classes in enumerate(groups):
+            affinity[i, g] = counts[classes].sum() / total
+    base, extra = divmod(len(nodes), k)
+    slots, bonus = [], []
+    for g in range(k):
+        slots += [g] * (base + (1 if extra else 0))
+        bonus += [10.0] * base + ([0.0] if extra else [])  # the first `base` slots of every group must be filled
+    gain = affinity[:, slots] + np.asarray(bonus)[None, :]
+    rows, cols = linear_sum_assignment(-gain)
+    return {nodes[r]: slots[c] for r, c in zip(rows, cols)}
+
+
+def run(d: RunDriver) -> None:
+    _, info, _ = d.rd.load_base()
+    analysis = analyse_stats(d.rd.load_class_stats(), info.class_names, d.cfg.similarity, d.cfg.outputs, d.cfg.balanced)
+    stats_nodes = [m["nodes"] for m in d.rd.metrics() if m.get("phase") == "statistics"]
+    analysis.extra.update({"split": "train", **({"nodes": stats_nodes[-1]} if stats_nodes else {})})
+    k = d.cfg.devices
+    groups = analysis.partitions[k]
+    by_pid = {v["partition_id"]: np.asarray(v["class_counts"]) for v in d.nodes.values()}
+    mapping = assign_nodes(by_pid, groups)
+    nodes = [{"node": pid, "partition_id": pid, "group": g, "class_counts": [int(x) for x in by_pid[pid]]}
+             for pid, g in sorted(mapping.items())]
+    write_group_report(d.rd.path / "groups", analysis, {"chosen_k": k, "nodes": nodes})
+    d.rd.log_metrics("assignment", k=k, nodes=len(mapping),
+                     nodes_per_group=[sum(1 for gg in mapping.values() if gg == g) for g in range(k)])
+    for g in range(k):
+        members = [p for p, gg in mapping.items() if gg == g]
+        log(INFO, "group %d (%s): partition-ids %s", g, " ".join(info.class_names[c] for c in groups[g]), members)

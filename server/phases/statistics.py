@@ -1,0 +1,37 @@
+"""Phase 1, statistics: every node returns exact class sums of the base model's outputs on its
+training data; their sum is the centralised statistics. Outputs: ``class_stats.pt`` and the
+group report for every K (``groups/``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...deploy.group_report import write_group_report
+from ...shared.class_stats import ClassStatistics
+from ...shared.errors import PapmError
+from ...shared.files import atomic_write
+from ...shared.grouping import analyse_stats, check_k
+
+if TYPE_CHECKING:
+    from ..driver import RunDriver
+
+
+def run(d: RunDriver) -> None:
+    base, info, args = d.rd.load_base()
+    papm, arrays = d.model_payload(base, args)
+    replies = d.send("statistics", "query.class_stats",
+                     {n: d.content({**papm, "data-info": info.to_dict()}, **arrays) for n in d.nodes})
+    if not replies:
+        raise PapmError("no node returned class statistics; check the nodes and run again with --resume")
+    stats = ClassStatistics.zeros(info.num_classes)
+    for c in replies.values():
+        stats = stats + ClassStatistics.from_arrays({k: v.numpy() for k, v in c["stats"].items()})
+    buf = {k: v.clone() for k, v in stats.to_arrays().items()}
+    atomic_write(d.rd.path / "class_stats.pt", lambda p: torch.save(buf, p))
+    check_k(d.cfg.devices, info.num_classes)
+    analysis = analyse_stats(stats, info.class_names, d.cfg.similarity, d.cfg.outputs, d.cfg.balanced)
+    analysis.extra.update({"split": "train", "nodes": len(replies)})
+    write_group_report(d.rd.path / "groups", analysis)
+    d.rd.log_metrics("statistics", nodes=len(replies), samples=int(stats.counts.sum()))
