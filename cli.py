@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for model selection")
-    t.add_argument("--image-size", type=int, default=32, help="imagefolder: images are resized to this square size")
-    t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder: 1 (grey) or 3 (RGB)")
+    t.add_argument("--image-size", type=int, default=0,
+                   help="images are resized (short side) and centre-cropped to this square size, 8-512 "
+                        "(default: the dataset's own; 32 for imagefolder)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=0, help="1 (grey) or 3 (RGB) (default: the dataset's own)")
     t.add_argument("--out", default="base.pt")
     _add_common(t)
 
@@ -231,7 +233,7 @@ def cmd_groups(args) -> int:
 
 
 def resolve_run_config(args):
-    """Defaults <- --config file <- --set overrides <- --run-dir."""
+    """Defaults <- --config file <- --set overrides <- --run-dir; then dataset and image shape from the base checkpoint."""
     from .shared.config import RunConfig
 
     cfg = RunConfig()
@@ -240,7 +242,9 @@ def resolve_run_config(args):
     cfg = RunConfig.from_overrides(args.set, cfg)
     if args.run_dir:
         cfg = RunConfig.from_mapping({"run-dir": args.run_dir}, cfg)
-    return cfg
+    from .shared.checkpoint import resolve_run_inputs
+
+    return resolve_run_inputs(cfg)
 
 
 def cmd_simulate(args) -> int:

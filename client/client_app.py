@@ -14,22 +14,23 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
-from ..shared.datasets import DatasetInfo, normalise
+from ..shared.datasets import DatasetInfo, normalise, pixel_sums
 from ..shared.fusion import build_head, feature_sums, fit_head
-from ..shared.importance import count_zero_activations
 from ..shared.models import build_model
 from ..shared.node_data import NodeData, load_node_data
-from ..shared.specialise import apoz_subset, group_weights
+from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
 from ..shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
 from .drills import drill_mods
 from .records import bytes_record, config_json, json_config, record_run_config, record_state, state_record, tensors_record
 
 app = ClientApp(mods=drill_mods())  # failure drills only when PAPM_INJECT_FAULT is set
 
+FEDBN_KEY = "papm-fedbn"  # context.state: this node's own BatchNorm layers under bn=local
 _FEATURES: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()  # per-process cache
 
 
@@ -55,6 +56,15 @@ class Node:
         model.load_state_dict(record_state(self.msg.content[key]))
         return model
 
+    def jobs(self) -> list[dict]:
+        """The message's jobs: one per model it carries (``{"key", ...}``, the model under ``key``)."""
+        return config_json(self.msg.content["papm"], "jobs")
+
+    def reply_jobs(self, arrays: dict, results: dict) -> Message:
+        reply = self.reply(arrays, **{"num-examples": len(self.data.train)})
+        reply.content["results"] = json_config(**results)
+        return reply
+
     def reply(self, arrays: dict | None = None, **metric_values) -> Message:
         content = RecordDict({"metrics": MetricRecord({"partition-id": self.partition_id, **metric_values})})
         if arrays:
@@ -63,26 +73,28 @@ class Node:
         return Message(content=content, reply_to=self.msg)
 
 
-def _settings(node: Node, epochs: int, lr: float, round_: int) -> TrainSettings:
-    # a different seed per node and round, reproducible for the run
-    return TrainSettings(epochs=epochs, lr=lr, batch_size=node.cfg.batch_size, seed=node.cfg.seed + 1000 * round_ + node.partition_id,
-                         select_on_val=False)
+def _settings(node: Node, lr: float, round_: int, steps: int, rounds: int) -> TrainSettings:
+    """One FedAvg round of local training: ``steps`` SGD steps as a window of one warm-up-and-decay
+    schedule over all ``rounds`` (so the rounds continue the schedule instead of restarting it).
+    A different seed per node and round, reproducible for the run."""
+    return TrainSettings(epochs=0, steps=steps, lr=lr, batch_size=node.cfg.batch_size, warmup=0.1,
+                         seed=node.cfg.seed + 1000 * round_ + node.partition_id, select_on_val=False,
+                         schedule_total=steps * rounds, schedule_start=steps * round_)
 
 
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    """Who this node is and the sums the server needs for the run's normalisation."""
+    """Who this node is, what its data looks like, and the integer pixel sums of the run's normalisation."""
     node = Node(msg, context)
-    x = node.data.train.x.double() / 255.0
     info = node.data.info
+    total, total_sq, count = pixel_sums(node.data.train.x)
     reply = node.reply(
         {"stats": tensors_record({
             "class-counts": torch.bincount(node.data.train.y, minlength=info.num_classes),
             "val-class-counts": torch.bincount(node.data.val.y, minlength=info.num_classes),
-            "pixel-sum": x.sum(dim=(0, 2, 3)),
-            "pixel-sqsum": (x * x).sum(dim=(0, 2, 3)),
+            "pixel-sum": total, "pixel-sqsum": total_sq,
         })},
-        **{"num-examples": len(node.data.train), "pixels-per-channel": int(x.shape[0] * x.shape[2] * x.shape[3])},
+        **{"num-examples": len(node.data.train), "pixels-per-channel": count},
     )
     reply.content["node"] = json_config(class_names=info.class_names, in_channels=info.in_channels, image_size=info.image_size,
                                         hflip=info.hflip, crop_padding=info.crop_padding, dataset=info.name)
@@ -91,13 +103,38 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train("base")
 def train_base(msg: Message, context: Context) -> Message:
+    """One FedAvg round of base training; with bn=local (FedBN) the node's own BatchNorm layers
+    replace the global ones before training and are kept in the node's state after it."""
     node = Node(msg, context)
     model = node.model()
     rnd = int(msg.content["papm"]["round"])
+    own_bn = node.cfg.bn == "local"
+    if own_bn and FEDBN_KEY in context.state and context.state[FEDBN_KEY].get("run", "") == node.cfg.fingerprint():
+        model.load_state_dict(record_state(context.state[FEDBN_KEY + "-weights"]), strict=False)
     lr = round_lr(node.cfg.base_lr, rnd, node.cfg.base_rounds)
-    history = fit(model, node.data.train, node.info(), _settings(node, node.cfg.base_epochs, lr, rnd), node.device, progress=False)
+    settings = TrainSettings(epochs=node.cfg.base_epochs, lr=lr, batch_size=node.cfg.batch_size,
+                             seed=node.cfg.seed + 1000 * rnd + node.partition_id, select_on_val=False)
+    history = fit(model, node.data.train, node.info(), settings, node.device, progress=False)
+    if own_bn:
+        context.state[FEDBN_KEY + "-weights"] = state_record(bn_state(model))
+        context.state[FEDBN_KEY] = ConfigRecord({"run": node.cfg.fingerprint()})
     return node.reply({"model": state_record(model.state_dict())}, **{"num-examples": len(node.data.train),
                                                                         "train-loss": history[-1]["loss"] if history else 0.0})
+
+
+@app.query("bn_stats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    """BatchNorm input sums of each model in the message on this node's training images (all classes:
+    every part sees every image at inference)."""
+    node = Node(msg, context)
+    data = node.data.train.sample(node.cfg.bn_samples, node.cfg.seed + node.partition_id)
+    arrays, results = {}, {}
+    for job in node.jobs():
+        sums = bn_input_sums(node.model(job["key"]), data, node.info(), node.device, node.cfg.batch_size,
+                             seed=node.cfg.seed + node.partition_id)
+        arrays[f"bn-{job['key']}"] = tensors_record(sums.to_arrays())
+        results[job["key"]] = {"num-examples": len(data)}
+    return node.reply_jobs(arrays, results)
 
 
 @app.query("class_stats")
@@ -109,28 +146,36 @@ def class_stats(msg: Message, context: Context) -> Message:
 
 @app.query("apoz")
 def apoz(msg: Message, context: Context) -> Message:
+    """APoZ counts of the base model on this node's samples of each job's group classes (none: empty counts)."""
     node = Node(msg, context)
-    classes = config_json(msg.content["papm"], "classes")
-    data = apoz_subset(node.data.train, classes, node.cfg.apoz_samples, node.cfg.seed + node.partition_id)
-    counts = count_zero_activations(node.model(), data, node.info(), node.device)
-    return node.reply({"counts": tensors_record(counts.to_arrays())}, **{"num-examples": len(data)})
+    base = node.model()
+    arrays, results = {}, {}
+    for job in node.jobs():
+        counts, n = local_apoz_counts(base, node.data.train, node.info(), job["classes"], node.cfg.apoz_samples,
+                                      node.cfg.seed + node.partition_id, node.device)
+        arrays[f"counts-{job['key']}"] = tensors_record(counts.to_arrays())
+        results[job["key"]] = {"num-examples": n}
+    return node.reply_jobs(arrays, results)
 
 
 @app.train("finetune")
 def finetune(msg: Message, context: Context) -> Message:
+    """One FedAvg round of fine-tuning for each job (a group's pruned model): the job's ``steps`` on this
+    node's data with the group's classes emphasised; FedAvg weighs the result by the node's share of
+    the group's weighted objective."""
     node = Node(msg, context)
-    cfg = node.cfg
-    model = node.model()
-    classes = config_json(msg.content["papm"], "classes")
-    rnd = int(msg.content["papm"]["round"])
-    info = node.info()
-    weights = group_weights(info.num_classes, classes, cfg.emphasis)
-    fit(model, node.data.train, info, _settings(node, cfg.finetune_epochs, round_lr(cfg.finetune_lr, rnd, cfg.finetune_rounds), rnd),
-        node.device,
-        class_weights=weights if cfg.emphasis_mode == "loss" else None,
-        sample_weights=weights[node.data.train.y] if cfg.emphasis_mode == "sampling" else None,
-        teacher=node.model("teacher") if cfg.kd else None, progress=False)
-    return node.reply({"model": state_record(model.state_dict())}, **{"num-examples": len(node.data.train)})
+    cfg, info = node.cfg, node.info()
+    teacher = node.model("teacher") if cfg.kd else None
+    arrays, results = {}, {}
+    for job in node.jobs():
+        model = node.model(job["key"])
+        settings = _settings(node, cfg.finetune_lr, job["round"], job["steps"], cfg.finetune_rounds)
+        finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
+                       node.device, teacher=teacher)
+        arrays[job["key"]] = state_record(model.state_dict())
+        results[job["key"]] = {"num-examples": len(node.data.train), "steps": settings.steps,
+                               "weight": objective_weight(node.data.train.y, info.num_classes, job["classes"], cfg.emphasis)}
+    return node.reply_jobs(arrays, results)
 
 
 @app.query("export")
@@ -212,16 +257,40 @@ def feature_stats(msg: Message, context: Context) -> Message:
     return node.reply({"sums": tensors_record({"sum": total, "sqsum": total_sq})}, **{"num-examples": count})
 
 
+def _head(node: Node):
+    head = build_head(config_json(node.msg.content["papm"], "head-args"))
+    head.load_state_dict(record_state(node.msg.content["head"]))
+    return head.eval()
+
+
+def _val_counts(node: Node, head) -> dict:
+    """How many of this node's local evaluation images ``head`` gets right (counts add up across nodes)."""
+    if not len(node.data.val):
+        return {"val-correct": 0, "val-count": 0}
+    feats, labels = _features(node, "val")
+    with torch.no_grad():
+        return {"val-correct": int((head.eval()(feats).argmax(1) == labels).sum()), "val-count": len(labels)}
+
+
 @app.train("fusion")
 def fusion(msg: Message, context: Context) -> Message:
+    """One FedAvg round of the head: the received head's local validation counts (for the server's
+    choice of round), then local training on the frozen extractors' features."""
     node = Node(msg, context)
     feats, labels = _features(node, "train")
-    head = build_head(config_json(msg.content["papm"], "head-args"))
-    head.load_state_dict(record_state(msg.content["head"]))
+    head = _head(node)
+    val = _val_counts(node, head)
     rnd = int(msg.content["papm"]["round"])
     result = fit_head(head, feats, labels, epochs=node.cfg.fusion_epochs, lr=node.cfg.fusion_lr,
                       batch_size=node.cfg.batch_size, seed=node.cfg.seed + 1000 * rnd + node.partition_id)
-    return node.reply({"head": state_record(head.state_dict())}, **{"num-examples": len(labels), "train-loss": result["loss"]})
+    return node.reply({"head": state_record(head.state_dict())}, **{"num-examples": len(labels), "train-loss": result["loss"], **val})
+
+
+@app.query("fusion_val")
+def fusion_val(msg: Message, context: Context) -> Message:
+    """The head's local validation counts (the last round's head, which no further round reports)."""
+    node = Node(msg, context)
+    return node.reply(**{"num-examples": len(node.data.val), **_val_counts(node, _head(node))})
 
 
 @app.evaluate()
@@ -234,10 +303,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     if len(val):
         base_pred = predict_logits(node.model(), val, info, node.device).argmax(1)
         feats, labels = _features(node, "val")
-        head = build_head(config_json(msg.content["papm"], "head-args"))
-        head.load_state_dict(record_state(msg.content["head"]))
         with torch.no_grad():
-            fusion_pred = head.eval()(feats).argmax(1)
+            fusion_pred = _head(node)(feats).argmax(1)
     n = len(val)
     return node.reply(**{
         "num-examples": n,

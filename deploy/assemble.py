@@ -9,9 +9,7 @@ accuracy is measured through the torch-free runtime exactly as the edge runs it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +23,7 @@ from ..export.quantize import quantize_int8
 from ..shared.checkpoint import load_checkpoint, load_head
 from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
-from ..shared.files import atomic_write_json
+from ..shared.files import atomic_write_json, fsync_tree, new_temp_dir, replace_dir
 from ..shared.fusion import SplitModel
 from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, file_entry, write_manifest
 from .runtime import EdgeRuntime
@@ -40,6 +38,15 @@ def _feature_params(model: nn.Module) -> int:
 def _nonzero_params(module: nn.Module, skip_fc: bool = False) -> int:
     """Parameters that are not exactly zero (what a sparse format could drop)."""
     return int(sum(int((p != 0).sum()) for name, p in module.named_parameters() if not (skip_fc and name.startswith("fc."))))
+
+
+def _bundle_manifest(folder: Path) -> dict | None:
+    """The manifest of a PAPM bundle in ``folder``, or None when the folder is not one."""
+    try:
+        doc = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == BUNDLE_FORMAT else None
 
 
 def export_run(
@@ -66,8 +73,11 @@ def export_run(
 
     ``from_run``: called by the ServerApp, which has only the held-out ``test_split`` (used
     for parity inputs and the reported accuracy, never fitted on); nothing is calibrated then.
-    The bundle is assembled in a temporary folder beside ``out`` and renamed into place at the
+    The bundle is assembled in a temporary folder beside ``out`` and swapped into place at the
     end, so a failed export (a parity failure included) never leaves a half-written bundle.
+    An existing folder is replaced only if it is a bundle: the run's own ``bundle/`` is
+    regenerated on request (keeping its INT8 files; a signed one needs a key again), any other
+    one only with ``force``.
     Returns {"bundle", "parity", "accuracy"}.
     """
     run_dir = Path(run_dir)
@@ -76,8 +86,20 @@ def export_run(
         raise PapmError(f"run directory not found: {run_dir}; create one with `papm simulate`")
     if out.exists() and not out.is_dir():
         raise PapmError(f"{out} is a file; give --out a folder for the bundle")
-    if out.exists() and not force:
-        raise PapmError(f"{out} already exists; pass --force to replace the bundle or choose another --out")
+    if out.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out.resolve()):
+        raise PapmError(f"--out {out} would replace the run directory itself; give a folder for the bundle, e.g. {run_dir / 'bundle'}")
+    own = out.resolve() == (run_dir / "bundle").resolve()  # the run's own bundle: regenerated from the run on request
+    if out.exists() and any(out.iterdir()):
+        old = _bundle_manifest(out)
+        if old is None:
+            raise PapmError(f"{out} is not a PAPM edge bundle (no manifest.json of a bundle); --force replaces only bundles "
+                            "and nothing was changed; choose another --out")
+        if not (force or own):
+            raise PapmError(f"{out} already exists; pass --force to replace the bundle or choose another --out")
+        if own and not from_run:
+            int8 = int8 or any("int8" in p.get("files", {}) for p in old.get("parts", []))  # add, never drop, precisions
+            if (out / "manifest.sig").exists() and not sign_key:
+                raise PapmError(f"{out} is signed; give --sign-key (or --new-key) to sign the new bundle, or --out elsewhere")
     if calib_samples < 1:
         raise PapmError(f"--calib-samples must be >= 1, got {calib_samples}")
     base, info, _ = load_checkpoint(run_dir / "base.pt")
@@ -127,11 +149,7 @@ def export_run(
         if not len(local):
             local = splits.train
         return normalise(local.sample(calib_samples, seed).x, info).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700; the bundle gets the usual permissions
+    stage = new_temp_dir(out.parent, out.name)  # the bundle gets the usual permissions
     try:
         reports = []
         parts = []
@@ -224,14 +242,8 @@ def export_run(
                                    "base": float((rt.base_logits(xs).argmax(1) == y_test).mean())}
         manifest["accuracy"] = accuracy
         write_manifest(stage, manifest, sign_key)
-        if out.exists():  # --force: swap the old bundle out only once the new one is complete
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            stage.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            stage.rename(out)
+        fsync_tree(stage)  # every file on the disk before the bundle is swapped in
+        replace_dir(stage, out)  # --force: the old bundle goes only once the new one is complete
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

@@ -10,7 +10,9 @@ Layout::
 Loading checks, in this order, before any ONNX Runtime session exists: the signature
 (when a verify key is given: a manifest edited after signing, or an unsigned bundle,
 is refused), the format version, then every listed file's size and sha256. Integrity
-therefore never depends on what a file claims about itself.
+therefore never depends on what a file claims about itself. A session is then made from
+the bytes of one more read that is checked again (``Bundle.read_verified``): the bytes
+verified are the bytes run, even if a file is swapped in between.
 
 Torch-free (numpy-free too): only the standard library and ``cryptography``.
 """
@@ -172,6 +174,15 @@ class Bundle:
 
     def file(self, entry: dict[str, Any]) -> Path:
         return self.path / entry["file"]
+
+    def read_verified(self, entry: dict[str, Any]) -> bytes:
+        """A bundle file's bytes, read once and checked against the manifest's size and sha256: the
+        caller runs exactly these bytes, so a file swapped after :func:`load_bundle` is never run."""
+        data = self.file(entry).read_bytes()
+        if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise PapmError(f"bundle file {self.file(entry)} changed since the bundle was checked (its sha256 differs "
+                            "from the manifest); copy the bundle again or re-export it")
+        return data
 
     def precisions(self) -> list[str]:
         """Precisions every part has (the head always runs fp32)."""

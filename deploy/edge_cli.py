@@ -218,8 +218,8 @@ def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, tes
     image_b = np.repeat(image1, batch, axis=0)
 
     def measure(entry: dict, name: str, x1: np.ndarray, xb: np.ndarray) -> dict:
-        path = bundle.file(entry)
-        s1, sn = make_session(path, 1), make_session(path, threads_all)
+        model = bundle.read_verified(entry)
+        s1, sn = make_session(model, 1, entry["file"]), make_session(model, threads_all, entry["file"])
         med1, p951 = _latency(s1, name, x1, runs, warmup)
         medn, p95n = _latency(sn, name, x1, runs, warmup)
         return {"size_kb": round(entry["bytes"] / 1024, 1), "lat1_ms": med1 * 1e3, "lat1_p95_ms": p951 * 1e3,

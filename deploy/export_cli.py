@@ -28,15 +28,37 @@ def run_export(args: argparse.Namespace) -> int:
     from .assemble import export_run
 
     sign_key = args.sign_key
-    if getattr(args, "new_key", None):
+    if not getattr(args, "new_key", None):
+        result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=sign_key, force=args.force,
+                            calib_samples=args.calib_samples)
+    else:
         if sign_key:
             raise PapmError("give either --sign-key or --new-key, not both")
-        from .bundle import generate_keypair
+        import shutil
 
-        sign_key, pub = generate_keypair(args.new_key)
-        print(f"new key pair: {sign_key} (private, keep it safe) and {pub} (give this to the devices)")
-    result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=sign_key, force=args.force,
-                        calib_samples=args.calib_samples)
+        from ..shared.files import new_temp_dir
+        from .bundle import PRIVATE_KEY, PUBLIC_KEY, generate_keypair
+
+        keys = Path(args.new_key)
+        if keys.exists() and not keys.is_dir():
+            raise PapmError(f"--new-key {keys} is a file; give a folder for the key pair")
+        for name in (PRIVATE_KEY, PUBLIC_KEY):
+            if (keys / name).exists():
+                raise PapmError(f"{keys / name} already exists; sign with --sign-key {keys / PRIVATE_KEY}, or give --new-key another folder")
+        # the pair is made beside its folder and moved in only once the signed bundle exists:
+        # a failed export leaves no key behind, and a retry is not stuck on one
+        keys.mkdir(parents=True, exist_ok=True)
+        staging = new_temp_dir(keys, "new-key")
+        try:
+            staged_priv, staged_pub = generate_keypair(staging)
+            result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=staged_priv, force=args.force,
+                                calib_samples=args.calib_samples)
+            for path in (staged_priv, staged_pub):
+                path.rename(keys / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        sign_key = keys / PRIVATE_KEY
+        print(f"new key pair: {sign_key} (private, keep it safe) and {keys / PUBLIC_KEY} (give this to the devices)")
     print("parity (PyTorch vs ONNX Runtime, same inputs):")
     for r in result["parity"]:
         print(f"  {r['file']:<28} max |diff| {r['max_abs_diff']:.2e}  (<= {r['tolerance']:g}: {'ok' if r['ok'] else 'FAIL'})")

@@ -23,8 +23,9 @@ from .bundle import Bundle
 PRECISIONS = ("fp32", "int8")
 
 
-def make_session(path: Path | str, threads: int | None = None):
-    """A CPU session; ``threads`` None = ONNX Runtime's default (all cores)."""
+def make_session(model: Path | str | bytes, threads: int | None = None, name: str = ""):
+    """A CPU session of an ONNX file or of its bytes (the bytes a bundle verified: nothing is read
+    again between the check and the run); ``threads`` None = ONNX Runtime's default (all cores)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -33,10 +34,10 @@ def make_session(path: Path | str, threads: int | None = None):
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: the CLI's output stays readable
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PapmError(f"ONNX Runtime cannot load {path} ({first[:160]}); re-export the bundle") from None
+        raise PapmError(f"ONNX Runtime cannot load {name or model} ({first[:160]}); re-export the bundle") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -113,7 +114,7 @@ class EdgeRuntime:
     # ---- sessions --------------------------------------------------------------------------
     def _session(self, key: str, entry: dict):
         if key not in self._sessions:
-            self._sessions[key] = make_session(self.bundle.file(entry), self.threads)
+            self._sessions[key] = make_session(self.bundle.read_verified(entry), self.threads, entry["file"])
         return self._sessions[key]
 
     @property

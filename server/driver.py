@@ -10,6 +10,7 @@ about it arrives as sums in replies; it only holds the held-out test split.
 from __future__ import annotations
 
 import json
+import math
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -22,8 +23,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..client.records import json_config, message_content, state_record
+from ..shared.bn import BNSums, set_bn_statistics
 from ..shared.config import PHASES, RunConfig
-from ..shared.datasets import DatasetInfo, ImageSet
+from ..shared.datasets import DatasetInfo, ImageSet, mean_std_from_sums
 from ..shared.errors import PapmError
 from ..shared.grouping import check_k
 from ..shared.node_data import server_test_split
@@ -35,8 +37,11 @@ from .run_directory import RunDirectory
 class RunDriver:
     """What every phase works with: the grid, the config, the run directory and the live nodes."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool):
+    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool, parallel_nodes: int | None = None):
         self.grid, self.cfg, self.resume = grid, cfg, resume
+        # how many nodes work at the same time: all of them on real devices; in a simulation the
+        # engine's workers, so the others wait their turn and an exchange may take that much longer
+        self.parallel_nodes = parallel_nodes
         self.rd = RunDirectory(cfg.run_dir)
         self.device = resolve_device(cfg.device)
         self.nodes: dict[int, dict] = {}  # node id -> {"partition_id", "class_counts", "num_examples"}
@@ -47,7 +52,8 @@ class RunDriver:
     # ---- exchanges ---------------------------------------------------------------------
     def send(self, phase: str, message_type: str, requests: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """Exchange with the given nodes; failed nodes leave the run and are reported by partition id."""
-        result = exchange(self.grid, requests, message_type, self.cfg.timeout, group_id=phase)
+        turns = math.ceil(len(requests) / self.parallel_nodes) if self.parallel_nodes else 1
+        result = exchange(self.grid, requests, message_type, self.cfg.timeout * max(1, turns), group_id=phase)
         for node, why in result.failed.items():
             # before a node's first reply its partition-id is unknown: the node id stands in for it
             pid = self.nodes.get(node, {}).get("partition_id", f"unknown (node id {node})")
@@ -85,6 +91,36 @@ class RunDriver:
             arrays.update(a)
         return papm, arrays
 
+    def job_requests(self, holders: dict[str, list[int]], models: dict[str, tuple], papm: dict, arrays: dict,
+                     jobs: dict[str, dict] | None = None) -> dict[int, RecordDict]:
+        """One message per node carrying every model it works on (``holders``: model key -> node ids),
+        each with its job fields (``jobs[key]``), on top of the shared ``papm``/``arrays`` fields."""
+        per_node: dict[int, list[str]] = {}
+        for key, ns in holders.items():
+            for n in ns:
+                per_node.setdefault(n, []).append(key)
+        requests = {}
+        for n, keys in per_node.items():
+            fields, records = dict(papm), dict(arrays)
+            fields["jobs"] = [{"key": key, **(jobs or {}).get(key, {})} for key in keys]
+            for key in (k for k in keys if k in models):
+                p, a = self.model_payload(*models[key], key=key)
+                fields.update(p)
+                records.update(a)
+            requests[n] = self.content(fields, **records)
+        return requests
+
+    def recalibrate_bn(self, phase: str, models: dict[str, tuple], holders: dict[str, list[int]], info: DatasetInfo) -> None:
+        """Exact BatchNorm statistics for each (model, args) in ``models`` from the sums of the nodes that hold
+        it (``holders``): the statistics one machine holding all their data would compute."""
+        replies = self.send(phase, "query.bn_stats", self.job_requests(holders, models, {"data-info": info.to_dict()}, {}))
+        for key, (model, _) in models.items():
+            got = [n for n in holders[key] if n in replies]
+            if not got:
+                raise PapmError(f"no node returned BatchNorm statistics in phase {phase}; check the nodes and continue with --resume")
+            sums = [BNSums.from_arrays({k: v.numpy() for k, v in replies[n][f"bn-{key}"].items()}) for n in got]
+            set_bn_statistics(model, sum(sums[1:], sums[0]))
+
     def test_split(self) -> ImageSet:
         if self._test is None:
             self._test = server_test_split(self.cfg).test
@@ -114,19 +150,23 @@ class RunDriver:
         """Who the nodes are, what data they hold (classes, image shape) and the run's normalisation (from sums)."""
         ids = self.wait_for_nodes()
         replies = self.send("hello", "query.hello", {n: self.content({}) for n in ids})
-        names = None
+        # every node's classes and image shape must be those of the coordinator's test split
+        ref = server_test_split(self.cfg).info
+        names, shape = ref.class_names, (ref.in_channels, ref.image_size)
         total = sq = None
         count = 0
         for node, content in replies.items():
             m = content["metrics"]
             stats = {k: torch.from_numpy(np.array(v.numpy())) for k, v in content["stats"].items()}
             desc = {k: json.loads(v) for k, v in content["node"].items()}
-            if names is None:
-                names, shape = desc["class_names"], (desc["in_channels"], desc["image_size"])
-                aug = (desc["hflip"], desc["crop_padding"], desc["dataset"])
-            elif desc["class_names"] != names or (desc["in_channels"], desc["image_size"]) != shape:
-                raise PapmError(f"node with partition-id {int(m['partition-id'])} has classes {desc['class_names']} "
-                                f"and {desc['in_channels']}x{desc['image_size']} images, unlike the others; give every node the same classes")
+            aug = (desc["hflip"], desc["crop_padding"], desc["dataset"])
+            if desc["class_names"] != names:
+                raise PapmError(f"node with partition-id {int(m['partition-id'])} has classes {desc['class_names']} but the "
+                                f"coordinator's test split has {names}; give every device the same class folders")
+            if (desc["in_channels"], desc["image_size"]) != shape:
+                raise PapmError(f"node with partition-id {int(m['partition-id'])} reads {desc['in_channels']}x{desc['image_size']}"
+                                f"x{desc['image_size']} images but the coordinator {shape[0]}x{shape[1]}x{shape[1]}; "
+                                "run every node and the coordinator with the same papm version and run config")
             self.nodes[node] = {"partition_id": int(m["partition-id"]), "class_counts": stats["class-counts"].tolist(),
                                 "num_examples": int(m["num-examples"])}
             total = stats["pixel-sum"] if total is None else total + stats["pixel-sum"]
@@ -137,10 +177,8 @@ class RunDriver:
         pids = sorted(v["partition_id"] for v in self.nodes.values())
         if len(set(pids)) != len(pids):
             raise PapmError(f"two nodes report the same partition-id ({pids}); give every SuperNode its own partition-id")
-        mean = total / count
-        std = (sq / count - mean * mean).clamp_min(1e-6).sqrt()
-        self.node_info = DatasetInfo(name=aug[2], class_names=names, in_channels=shape[0], image_size=shape[1],
-                                     mean=[round(float(v), 6) for v in mean], std=[round(float(v), 6) for v in std],
+        mean, std = mean_std_from_sums(total, sq, count)
+        self.node_info = DatasetInfo(name=aug[2], class_names=names, in_channels=shape[0], image_size=shape[1], mean=mean, std=std,
                                      hflip=aug[0], crop_padding=aug[1], split_seed=self.cfg.seed,
                                      val_fraction=self.cfg.val_fraction, source=self.cfg.data_root)
         check_k(self.cfg.devices, len(names))  # more devices than classes: stop before any work

@@ -7,7 +7,10 @@ completed phase and never recomputes it.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,14 @@ from ..shared.class_stats import ClassStatistics
 from ..shared.config import PHASES, RunConfig
 from ..shared.datasets import DatasetInfo
 from ..shared.errors import PapmError
-from ..shared.files import atomic_write_json
+from ..shared.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+MARKER = ".papm-run"  # written when a run starts: only such a folder is ever cleared by --force
+MARKER_FORMAT, MARKER_VERSION = "papm-run-directory", 1
+# everything a run writes at the top of its folder (--force removes these and nothing else)
+RUN_OUTPUTS = ("progress", "config.json", "state.json", "metrics.jsonl", "base.pt", "base.onnx", "base.int8.onnx",
+               "class_stats.pt", "groups", "devices", "fusion", "bundle", "evaluation.json", "summary.md", "summary.csv")
 
 
 class RunDirectory:
@@ -72,21 +82,76 @@ class RunDirectory:
         return model, ckpt["model_args"]
 
     # ---- lifecycle -----------------------------------------------------------------
+    @property
+    def marker_file(self) -> Path:
+        return self.path / MARKER
+
     def exists(self) -> bool:
-        return self.state_file.exists() or self.config_file.exists()
+        """Whether a run was started here (its config and state are written)."""
+        return self.state_file.exists() and self.config_file.exists()
+
+    def is_run(self) -> bool:
+        """Whether the folder carries a run directory's marker."""
+        try:
+            return json.loads(self.marker_file.read_text()).get("format") == MARKER_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def taken_message(self) -> str:
+        if self.is_run():
+            return f"{self.path} already holds a run; pass --resume to continue it, --force to start over, or choose another --run-dir"
+        return (f"{self.path} holds a config.json and state.json but no {MARKER} marker (not a run, or one from before "
+                "markers); pass --resume to continue a run, or choose another --run-dir")
+
+    def check_free(self) -> None:
+        """A new run may start here: the folder is missing, empty, or marked as a run directory."""
+        if self.path.exists() and not self.path.is_dir():
+            raise PapmError(f"run-dir {self.path} is a file; choose a folder for the run")
+        if self.path.is_dir() and not self.is_run() and any(self.path.iterdir()):
+            raise PapmError(f"{self.path} holds files but no PAPM run; a run is only written into an empty or new folder, "
+                            "choose another --run-dir")
+
+    def clear(self) -> list[str]:
+        """--force: delete what a PAPM run writes here (nothing else; the marker stays) and return the
+        names removed. Refused unless the folder carries a run's marker: a folder that merely holds a
+        config.json (or a state.json) is never touched."""
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            return []
+        if self.path.exists() and not self.path.is_dir():
+            raise PapmError(f"run-dir {self.path} is a file; choose a folder for the run")
+        if not self.is_run():
+            raise PapmError(f"{self.path} is not a PAPM run directory (no {MARKER} marker: not a run, or one from before "
+                            "markers); --force deletes only marked runs and nothing was deleted; choose another --run-dir "
+                            "or delete the folder yourself")
+        removed = []
+        for name in RUN_OUTPUTS:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            else:
+                continue
+            removed.append(name)
+        for stray in self.path.glob(".*.tmp"):  # half-written files of an interrupted write
+            stray.unlink(missing_ok=True) if stray.is_file() else shutil.rmtree(stray, ignore_errors=True)
+        return removed
 
     def start(self, cfg: RunConfig, resume: bool) -> list[str]:
         """Create or reopen the run; returns the completed phases. Refuses a different config."""
         if self.exists():
             old = self.read_config()
             if not resume:
-                raise PapmError(f"{self.path} already holds a run; pass --resume to continue it, --force to start over, "
-                                "or choose another --run-dir")
+                raise PapmError(self.taken_message())
             diff = old.differences(cfg)
             if diff:
                 raise PapmError(f"{self.path} was started with a different config ({', '.join(diff)} differ); "
                                 "resume with the same config or choose another --run-dir")
+        else:
+            self.check_free()
         self.path.mkdir(parents=True, exist_ok=True)
+        if not self.is_run():
+            atomic_write_json(self.marker_file, {"format": MARKER_FORMAT, "version": MARKER_VERSION})
         atomic_write_json(self.config_file, {"fingerprint": cfg.fingerprint(), **cfg.to_flower()})
         state = self.state()
         state.setdefault("completed", [])
@@ -124,6 +189,7 @@ class RunDirectory:
             done.append(phase)
         state.setdefault("phases", {})[phase] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         atomic_write_json(self.state_file, state)
+        self.clear_progress(phase)  # its outputs are complete: the rounds are no longer needed
 
     def note(self, key: str, value: Any) -> None:
         state = self.state()
@@ -131,12 +197,62 @@ class RunDirectory:
         atomic_write_json(self.state_file, state)
 
     def log_metrics(self, phase: str, **values: Any) -> None:
-        """One line per round and phase in metrics.jsonl."""
+        """One line per round and phase in metrics.jsonl (appended and flushed to the disk)."""
         self.path.mkdir(parents=True, exist_ok=True)
         with self.metrics_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"time": round(time.time(), 3), "phase": phase, **values}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
+        """Every complete line (a line cut short by a kill is skipped)."""
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def rewind_metrics(self, labels: dict[str, int | None]) -> None:
+        """Before a phase (re)starts: for each metrics label, keep its lines up to round ``labels[label]``
+        (None: none of them), so metrics.jsonl holds each round once after any number of kills and
+        resumes. Rewritten atomically; other labels, and a file that needs no change, stay as they are."""
+        lines = self.metrics()
+
+        def keep(m: dict) -> bool:
+            label = m.get("phase")
+            if label not in labels:
+                return True
+            upto = labels[label]
+            return upto is not None and isinstance(m.get("round"), int) and m["round"] <= upto
+
+        kept = [m for m in lines if keep(m)]
+        torn = self.metrics_file.exists() and not self.metrics_file.read_text().endswith("\n") and self.metrics_file.stat().st_size
+        if len(kept) != len(lines) or torn:
+            atomic_write_text(self.metrics_file, "".join(json.dumps(m) + "\n" for m in kept))
+
+    # ---- progress inside a phase (resume at the round a run was in) -----------------------
+    def progress_file(self, phase: str) -> Path:
+        return self.path / "progress" / f"{phase}.pt"
+
+    def save_progress(self, phase: str, payload: dict[str, Any]) -> None:
+        """The phase's state after a round (weights, round, what rebuilds them): written atomically, so a
+        killed run resumes at the round it was in instead of the start of the phase."""
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(self.progress_file(phase), buf.getvalue())
+
+    def load_progress(self, phase: str) -> dict[str, Any] | None:
+        path = self.progress_file(phase)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged progress file only costs the rounds it held
+            return None
+
+    def clear_progress(self, phase: str) -> None:
+        self.progress_file(phase).unlink(missing_ok=True)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .datasets import DatasetInfo
+from .config import RunConfig
+from .datasets import NATIVE_SHAPE, DatasetInfo
 from .errors import PapmError
 from .files import atomic_write_bytes
 from .models import build_model
@@ -133,3 +134,32 @@ def load_head(path: Path | str):
         raise PapmError(f"{path} is a damaged fusion head ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
                         "re-run the fusion phase") from None
     return head.eval(), info, ckpt
+
+
+def resolve_run_inputs(cfg: RunConfig) -> RunConfig:
+    """The run's dataset, image size and channels, resolved once before the run starts.
+
+    With a ``base-checkpoint`` they are the checkpoint's (as are its classes and normalisation):
+    an explicit different value is refused with one line; ``data-root`` defaults to the folder the
+    checkpoint was trained on. Without one: digits unless another dataset is named, at the
+    dataset's own shape unless ``image-size``/``channels`` say otherwise.
+    """
+    if cfg.base_checkpoint:
+        try:
+            info = DatasetInfo.from_dict(read_checkpoint(cfg.base_checkpoint)["data"])
+        except (TypeError, KeyError) as e:
+            raise PapmError(f"{cfg.base_checkpoint} has damaged metadata ({type(e).__name__}); re-create it with `papm train`") from None
+        theirs = {"dataset": info.name, "image-size": info.image_size, "channels": info.in_channels}
+        mine = {"dataset": cfg.dataset, "image-size": cfg.image_size, "channels": cfg.channels}
+        for key, value in mine.items():
+            if value and value != theirs[key]:
+                raise PapmError(f"{key}={value} conflicts with base-checkpoint {cfg.base_checkpoint} ({key} {theirs[key]}); "
+                                f"leave {key} unset (the checkpoint's is used) or give a checkpoint trained with {key} {value}")
+        values = dict(theirs)
+        if not cfg.data_root and info.name != "digits" and info.source:
+            values["data-root"] = info.source
+        return RunConfig.from_mapping(values, cfg)
+    dataset = cfg.dataset or "digits"
+    channels, size = NATIVE_SHAPE[dataset]
+    return RunConfig.from_mapping({"dataset": dataset, "image-size": cfg.image_size or size,
+                                   "channels": cfg.channels or channels}, cfg)

@@ -57,8 +57,10 @@ class ClassStatistics:
         stats.counts += torch.bincount(y, minlength=num_classes)
         stats.softmax_sum.index_add_(0, y, p)
         stats.logit_sum.index_add_(0, y, z)
-        stats.softmax_outer.index_add_(0, y, p[:, :, None] * p[:, None, :])
-        stats.logit_outer.index_add_(0, y, z[:, :, None] * z[:, None, :])
+        for c in torch.unique(y).tolist():  # per class P_c^T P_c: C x C at a time, never an N x C x C array
+            rows = y == c
+            stats.softmax_outer[c] += p[rows].T @ p[rows]
+            stats.logit_outer[c] += z[rows].T @ z[rows]
         pred = z.argmax(1)
         stats.confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
         return stats
@@ -109,9 +111,14 @@ class ClassStatistics:
         return stats
 
 
-def compute_class_stats(model: nn.Module, data: ImageSet, info: DatasetInfo, device="cpu") -> ClassStatistics:
-    """Class statistics of ``model`` on ``data`` (use a training or validation split, never test)."""
-    logits = predict_logits(model, data, info, device)
-    if logits.shape[1] != info.num_classes:
-        raise PapmError(f"the model has {logits.shape[1]} outputs but the dataset has {info.num_classes} classes")
-    return ClassStatistics.from_logits(logits, data.y)
+def compute_class_stats(model: nn.Module, data: ImageSet, info: DatasetInfo, device="cpu", chunk: int = 4096) -> ClassStatistics:
+    """Class statistics of ``model`` on ``data`` (use a training or validation split, never test),
+    accumulated chunk by chunk: memory is bounded by the chunk and the C x C x C sums, whatever N is."""
+    stats = ClassStatistics.zeros(info.num_classes)
+    for i in range(0, len(data), chunk):
+        part = ImageSet(data.x[i : i + chunk], data.y[i : i + chunk])
+        logits = predict_logits(model, part, info, device)
+        if logits.shape[1] != info.num_classes:
+            raise PapmError(f"the model has {logits.shape[1]} outputs but the dataset has {info.num_classes} classes")
+        stats = stats + ClassStatistics.from_logits(logits, part.y)
+    return stats

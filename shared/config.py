@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,13 +22,16 @@ RUNTIME_ONLY = ("run-dir", "device", "timeout", "stop-after", "progress", "node-
 
 @dataclass
 class RunConfig:
-    # data
-    dataset: str = "digits"
+    # data ("" / 0: the base checkpoint's, else the dataset's own: digits 1x8x8, cifar10 and imagefolder 3x32x32)
+    dataset: str = ""
     data_root: str = ""
+    image_size: int = 0  # images are resized (short side) and centre-cropped to this square size
+    channels: int = 0  # 1 (grey) or 3 (RGB)
     val_fraction: float = 0.1
     partitioner: str = "iid"  # iid | dirichlet | by-group
     dirichlet_alpha: float = 0.5
     by_group_share: float = 0.8
+    min_partition_size: int = 16  # every node gets at least this many training samples, or the run is refused
     seed: int = 0
     # nodes and devices
     nodes: int = 3
@@ -39,6 +43,8 @@ class RunConfig:
     base_epochs: int = 5  # local epochs per round
     base_lr: float = 0.05
     batch_size: int = 128
+    bn: str = "recalibrate"  # BatchNorm under FedAvg: recalibrate (exact statistics after each round), average, local (FedBN)
+    bn_samples: int = 2048  # training images per node for BatchNorm statistics
     # phase 1: grouping
     similarity: str = "correlation"
     outputs: str = "softmax"
@@ -49,12 +55,14 @@ class RunConfig:
     alpha: float = 0.5
     round_to: int = 1
     apoz_samples: int = 2048
-    finetune_rounds: int = 1
-    finetune_epochs: int = 5  # local epochs per round
+    finetune_nodes: str = "all"  # all: every node fine-tunes every group's model (FedAvg over all data); group: its group's nodes
+    finetune_rounds: int = 3
+    finetune_epochs: int = 5  # passes over all nodes' data together, in sequential steps, split over the rounds
     finetune_lr: float = 0.02
     emphasis: float = 4.0
     emphasis_mode: str = "loss"
     kd: bool = False
+    bn_recalibrate: bool = True  # re-estimate each fine-tuned model's BatchNorm statistics from all its nodes' data
     # phase 4: export (on the nodes: each group's extractor to ONNX, INT8 calibrated on local images)
     int8: bool = False
     calib_samples: int = 256  # local training images per INT8 calibration
@@ -134,7 +142,14 @@ class RunConfig:
             if not cond:
                 raise PapmError(msg)
 
-        need(self.dataset in ("digits", "cifar10", "imagefolder"), f"dataset must be digits, cifar10 or imagefolder, got {self.dataset!r}")
+        need(self.dataset in ("", "digits", "cifar10", "imagefolder"),
+             f"dataset must be digits, cifar10 or imagefolder (or empty: the base checkpoint's), got {self.dataset!r}")
+        need(self.image_size == 0 or 8 <= self.image_size <= 512, f"image-size must be in [8, 512] (or 0: automatic), got {self.image_size}")
+        need(self.channels in (0, 1, 3), f"channels must be 1 (grey) or 3 (RGB) (or 0: automatic), got {self.channels}")
+        need(self.min_partition_size >= 1, f"min-partition-size must be >= 1, got {self.min_partition_size}")
+        need(self.bn in ("recalibrate", "average", "local"), f"bn must be recalibrate, average or local, got {self.bn!r}")
+        need(self.bn_samples >= 2, f"bn-samples must be >= 2, got {self.bn_samples}")
+        need(self.finetune_nodes in ("all", "group"), f"finetune-nodes must be all or group, got {self.finetune_nodes!r}")
         need(self.partitioner in ("iid", "dirichlet", "by-group"), f"partitioner must be iid, dirichlet or by-group, got {self.partitioner!r}")
         need(self.nodes >= 1, f"nodes must be >= 1, got {self.nodes}")
         need(self.devices >= 2, f"devices (K) must be >= 2, got {self.devices}")
@@ -156,7 +171,7 @@ class RunConfig:
         need(0.0 <= self.by_group_share <= 1.0, f"by-group-share must be in [0, 1], got {self.by_group_share}")
         need(self.emphasis >= 1.0, f"emphasis must be >= 1 (1 = no emphasis on the group's classes), got {self.emphasis}")
         need(self.dataset != "imagefolder" or bool(self.data_root),
-             "dataset imagefolder needs data-root (a folder with train/ and test/, one subfolder per class)")
+             "dataset imagefolder needs data-root (a folder with train/<class>/ images; the coordinator's also test/<class>/)")
         need(self.finetune_epochs >= 0, f"finetune-epochs must be >= 0, got {self.finetune_epochs}")
         need(self.round_to >= 1, f"round-to must be >= 1, got {self.round_to}")
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
@@ -204,14 +219,19 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
                 pass
         raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}")
     if typ == "float":
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise PapmError(f"{source} key {key!r} must be a number, got {value!r}")
+        if number is None:
+            raise PapmError(f"{source} key {key!r} must be a number, got {value!r}")
+        if not math.isfinite(number):  # nan and inf pass every comparison check below them, so refuse them here
+            raise PapmError(f"{source} key {key!r} must be a finite number, got {value!r}")
+        return number
     if typ == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -10,7 +10,8 @@ Sources:
   (no download). It has no official test split: a fixed stratified 20% is held out
   with a constant seed, so every run and every node sees the same test set.
 - ``cifar10``: through torchvision; downloads only with ``download=True``.
-- ``imagefolder``: any tree ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``.
+- ``imagefolder``: any tree ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (decoded in
+  parallel once, then read from a cache keyed by the files' paths, sizes and times).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import PapmError
-from .images import IMAGE_SUFFIXES, load_image
+from .images import fit_array
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 DIGITS_TEST_SEED = 20240501  # fixed: the digits test split must never move
@@ -112,21 +113,45 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    xf = x.float() / 255.0
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+def pixel_sums(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per channel: sum and sum of squares of the uint8 pixel values (int64, exact) and pixels per channel.
+
+    Integers, chunk by chunk: exact, additive across nodes, and never a float copy of the whole split."""
+    total = torch.zeros(x.shape[1], dtype=torch.int64)
+    total_sq = torch.zeros(x.shape[1], dtype=torch.int64)
+    for i in range(0, len(x), chunk):
+        xb = x[i : i + chunk].to(torch.int64)
+        total += xb.sum(dim=(0, 2, 3))
+        total_sq += (xb * xb).sum(dim=(0, 2, 3))
+    return total, total_sq, int(x.shape[0] * x.shape[2] * x.shape[3])
+
+
+def mean_std_from_sums(total, total_sq, count: int) -> tuple[list[float], list[float]]:
+    """Normalisation (on the [0, 1] scale) from :func:`pixel_sums` (summed over nodes or not)."""
+    if count < 2:
+        raise PapmError("normalisation needs at least 2 pixels per channel; the data is empty")
+    t = torch.as_tensor(total, dtype=torch.float64) / 255.0
+    t2 = torch.as_tensor(total_sq, dtype=torch.float64) / (255.0 * 255.0)
+    mean = t / count
+    std = ((t2 / count - mean * mean).clamp_min(0.0) * count / (count - 1)).sqrt().clamp_min(1e-3)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    return mean_std_from_sums(*pixel_sums(x))
+
+
+NATIVE_SHAPE = {"digits": (1, 8), "cifar10": (3, 32), "imagefolder": (3, 32)}  # (channels, size) when none is asked
+
+
+def _load_digits():
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
     y = d.target.astype(np.int64)
     trainval, test = stratified_split(y, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
-    return x[trainval], y[trainval], x[test], y[test], [str(c) for c in range(10)]
+    return (x[trainval], y[trainval]), (x[test], y[test]), [str(c) for c in range(10)]
 
 
 def _load_cifar10(root: Path, download: bool):
@@ -141,42 +166,30 @@ def _load_cifar10(root: Path, download: bool):
             "or point --dataset imagefolder --data-root at an ImageFolder tree"
         ) from None
     to_x = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
-    return (
-        to_x(train.data),
-        np.asarray(train.targets, dtype=np.int64),
-        to_x(test.data),
-        np.asarray(test.targets, dtype=np.int64),
-        list(train.classes),
-    )
+    return ((to_x(train.data), np.asarray(train.targets, dtype=np.int64)),
+            (to_x(test.data), np.asarray(test.targets, dtype=np.int64)), list(train.classes))
 
 
-def _load_imagefolder(root: Path, in_channels: int, image_size: int):
-    from tqdm.auto import tqdm
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise PapmError(f"{root} is not an ImageFolder tree: it needs train/<class>/ and test/<class>/ folders")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+
+def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tuple[str, ...]):
+    """The asked ``parts`` of an ImageFolder tree (``train`` and/or ``test``); a missing part is None."""
+    from .image_cache import read_image_folder
+
+    wanted = [p for p in parts if (root / p).is_dir()]
+    if "train" in parts and "train" not in wanted:
+        raise PapmError(f"{root} is not an ImageFolder tree: it needs a train/<class>/ folder of images")
+    if "test" in parts and "train" not in parts and "test" not in wanted:
+        raise PapmError(f"{root} has no test/<class>/ folders; the coordinator evaluates on ROOT/test")
+    classes = _class_folders(root / wanted[0])
     if len(classes) < 2:
-        raise PapmError(f"{root}/train has {len(classes)} class folder(s); at least 2 are needed")
-    if test_classes != classes:
-        raise PapmError(f"{root}/test has classes {test_classes} but train has {classes}; make them the same")
-
-    def read(split: str):
-        files = [
-            (f, c)
-            for c, name in enumerate(classes)
-            for f in sorted((root / split / name).rglob("*"))
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not files:
-            raise PapmError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        x = np.stack([load_image(f, in_channels, image_size) for f, _ in tqdm(files, desc=f"reading {split}", leave=False, disable=None)])
-        return x, np.asarray([c for _, c in files], dtype=np.int64)
-
-    xtr, ytr = read("train")
-    xte, yte = read("test")
-    return xtr, ytr, xte, yte, classes
+        raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); at least 2 are needed")
+    if len(wanted) == 2 and _class_folders(root / "test") != classes:
+        raise PapmError(f"{root}/test has classes {_class_folders(root / 'test')} but train has {classes}; make them the same")
+    loaded = {p: read_image_folder(root / p, classes, in_channels, image_size) for p in wanted}
+    return loaded.get("train"), loaded.get("test"), classes
 
 
 def load_dataset(
@@ -186,51 +199,67 @@ def load_dataset(
     split_seed: int = 0,
     val_fraction: float = 0.1,
     download: bool = False,
-    image_size: int = 32,
-    in_channels: int = 3,
+    image_size: int = 0,
+    in_channels: int = 0,
+    parts: tuple[str, ...] = ("train", "test"),
 ) -> DataSplits:
     """Load a dataset and carve a stratified validation split from its training part.
 
-    Model selection uses ``val``; ``test`` is only for reporting.
+    Model selection uses ``val``; ``test`` is only for reporting. ``image_size`` and
+    ``in_channels`` (0: the dataset's own, see ``NATIVE_SHAPE``) resize and convert every
+    image the same way (``images.fit_image``). ``parts``: an ImageFolder tree may hold only
+    ``train/`` (a device's own data: its evaluation split is carved from it) or only
+    ``test/`` (the coordinator's); other datasets always load both.
     """
     if not 0.0 <= val_fraction < 0.5:
         raise PapmError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+    if name not in DATASETS:
+        raise PapmError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    native_c, native_s = NATIVE_SHAPE[name]
+    in_channels, image_size = in_channels or native_c, image_size or native_s
+    if not 8 <= image_size <= 512:
+        raise PapmError(f"image size must be in [8, 512], got {image_size}")
+    if in_channels not in (1, 3):
+        raise PapmError(f"channels must be 1 (grey) or 3 (RGB), got {in_channels}")
     if name == "digits":
-        xtr, ytr, xte, yte, classes = _load_digits()
-        hflip, pad, source = False, 1, "sklearn.datasets.load_digits"
+        train, test, classes = _load_digits()
+        hflip, source = False, "sklearn.datasets.load_digits"
     elif name == "cifar10":
         root = Path(root or "data/cifar10")
-        xtr, ytr, xte, yte, classes = _load_cifar10(root, download)
-        hflip, pad, source = True, 4, str(root)
-    elif name == "imagefolder":
-        if root is None:
+        train, test, classes = _load_cifar10(root, download)
+        hflip, source = True, str(root)
+    else:
+        if not root:
             raise PapmError("--dataset imagefolder needs --data-root DIR (a folder with train/ and test/)")
         root = Path(root)
-        if not 8 <= image_size <= 512:
-            raise PapmError(f"image_size must be in [8, 512], got {image_size}")
-        xtr, ytr, xte, yte, classes = _load_imagefolder(root, in_channels, image_size)
-        hflip, pad, source = True, max(1, image_size // 8), str(root)
-    else:
-        raise PapmError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    train_idx, val_idx = stratified_split(ytr, val_fraction, split_seed)
-    train = ImageSet(torch.from_numpy(xtr[train_idx]), torch.from_numpy(ytr[train_idx]))
+        if not root.is_dir():
+            raise PapmError(f"data root {root} is not a folder; give an ImageFolder tree (train/<class>/..., test/<class>/...)")
+        train, test, classes = _load_imagefolder(root, in_channels, image_size, parts)
+        hflip, source = True, str(root)
+    empty = (np.zeros((0, in_channels, image_size, image_size), np.uint8), np.zeros(0, np.int64))
+    xtr, ytr = train if train is not None else empty
+    xte, yte = test if test is not None else empty
+    xtr, xte = fit_array(xtr, in_channels, image_size), fit_array(xte, in_channels, image_size)
+    train_idx, val_idx = stratified_split(ytr, val_fraction, split_seed) if len(ytr) else (np.zeros(0, int), np.zeros(0, int))
+    train_set = ImageSet(torch.from_numpy(xtr[train_idx]), torch.from_numpy(ytr[train_idx]))
     val = ImageSet(torch.from_numpy(xtr[val_idx]), torch.from_numpy(ytr[val_idx]))
-    test = ImageSet(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte))
-    mean, std = _channel_stats(train.x)
+    test_set = ImageSet(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte))
+    # normalisation from the training split (a test-only load has none: its user brings a checkpoint's)
+    mean, std = _channel_stats(train_set.x) if len(train_set) else ([0.0] * in_channels, [1.0] * in_channels)
     info = DatasetInfo(
         name=name,
         class_names=[str(c) for c in classes],
-        in_channels=int(train.x.shape[1]),
-        image_size=int(train.x.shape[-1]),
+        in_channels=in_channels,
+        image_size=image_size,
         mean=mean,
         std=std,
         hflip=hflip,
-        crop_padding=pad,
+        crop_padding=1 if name == "digits" else max(1, image_size // 8),
         split_seed=split_seed,
         val_fraction=val_fraction,
         source=source,
     )
-    return DataSplits(info, train, val, test)
+    return DataSplits(info, train_set, val, test_set)
 
 
 def load_dataset_like(info: DatasetInfo, name: str | None = None, root: str | Path | None = None, download: bool = False) -> DataSplits:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,29 +24,102 @@ def refuse_existing(*paths: Path | str, force: bool) -> None:
             raise PapmError(f"{path} already exists; pass --force to overwrite it or choose another --out")
 
 
+def _new_temp(parent: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """A fresh, unique path beside ``name`` in ``parent``, created by ``make`` (which must fail if it exists)."""
+    for _ in range(100):
+        tmp = parent / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+    raise PapmError(f"cannot create a temporary file in {parent}; check the folder")
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None], mode: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    The rename is atomic on POSIX, so readers see either the old file or the new one.
-    ``mode`` (e.g. 0o600 for a private key) is set before anything is written, so the
-    content is never readable by others, not even for a moment; by default the file gets
-    the usual permissions (0666 less the umask).
+    The rename is atomic on POSIX, so readers see either the old file or the new one; the file
+    and then its folder are flushed to the disk (fsync) around the rename, so a power loss never
+    leaves an empty or half-written file behind a result that was reported complete. The
+    temporary file is created with the final permissions: ``mode`` (e.g. 0o600 for a private key,
+    so the content is never readable by others, not even for a moment) or 0666 less the umask,
+    which the kernel applies at creation (the process umask is never read or changed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, mode if mode is not None else 0o666 & ~umask)  # mkstemp makes 0600
+
+    def create(tmp: Path) -> None:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 if mode is None else mode))
+
+    tmp_path = _new_temp(path.parent, path.name, create)
     try:
+        if mode is not None:
+            os.chmod(tmp_path, mode)  # exactly ``mode``, whatever the umask removed
         write(tmp_path)
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent, directory=True)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder below ``folder`` (a staged result) to the disk."""
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            fsync_path(Path(root) / f)
+        fsync_path(Path(root), directory=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    ok = renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+    return ok
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Put the complete folder ``staged`` where ``target`` is: swapped in one step where the system
+    allows it (so there is never a moment with neither the old nor the new result), else renamed
+    aside and replaced; the old folder is removed afterwards."""
+    import shutil
+
+    if not target.exists():
+        os.rename(staged, target)
+    elif _exchange(staged, target):
+        shutil.rmtree(staged, ignore_errors=True)  # ``staged`` now holds the old folder
+    else:
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(6)}")
+        os.rename(target, old)
+        os.rename(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(target.parent, directory=True)
+
+
+def new_temp_dir(parent: Path, name: str) -> Path:
+    """A fresh folder beside ``parent/name`` for staging a result, with the usual permissions (0777 less the umask)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return _new_temp(parent, name, lambda p: os.mkdir(p, 0o777))
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> Path:

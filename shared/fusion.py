@@ -5,7 +5,8 @@ input; the features are concatenated in device order and the head turns them int
 logits. The head's first step standardises the concatenated features with a fixed
 mean/std held as buffers: training and the exported ONNX head do exactly the same
 thing, so they cannot drift apart. Mean and std come from sums (sum, sum of
-squares, count) that aggregate exactly across clients.
+squares, count) that aggregate exactly across clients, with scikit-learn's
+StandardScaler semantics (population variance; a constant feature gets scale 1).
 """
 
 from __future__ import annotations
@@ -49,9 +50,15 @@ class FusionHead(nn.Module):
         if count < 2:
             raise PapmError("feature normalisation needs at least 2 samples")
         mean = total.double() / count
-        var = (total_sq.double() / count - mean * mean).clamp_min(0.0) * count / (count - 1)
+        var = (total_sq.double() / count - mean * mean).clamp_min(0.0)
+        # StandardScaler's rule: a feature whose variance is within float rounding of zero is constant
+        # and gets scale 1 (a dead channel is passed through, not multiplied by a huge 1/std); the
+        # rounding bound is that of a variance computed from sums (sum of squares / n - mean^2)
+        eps = torch.finfo(torch.float64).eps
+        constant = var <= count * eps * (mean * mean + var)
+        std = torch.where(constant, torch.ones_like(var), var.sqrt())
         self.mean.copy_(mean.float())
-        self.std.copy_(var.sqrt().clamp_min(1e-4).float())
+        self.std.copy_(std.float())
 
 
 def build_head(args: dict[str, Any]) -> FusionHead:

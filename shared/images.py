@@ -1,39 +1,100 @@
 """Image decoding and preprocessing with numpy and Pillow only (no torch).
 
-Training (``datasets.py``) and the edge runtime (``deploy/``) both use these, so
-an image is decoded, resized and normalised the same way in both places.
+Training (``datasets.py``: files and in-memory datasets alike), the federated run and the
+edge runtime (``deploy/``) all go through :func:`fit_image`, so an image is converted,
+resized and cropped the same way everywhere; ``normalise_array`` matches the training
+normalisation.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import PapmError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MAX_PIXELS = 64_000_000  # larger images are refused (a decompression bomb), not decoded
+
+
+def fit_image(im, in_channels: int, image_size: int) -> np.ndarray:
+    """A Pillow image -> uint8 C x S x S: grey or RGB, short side resized to S (bilinear), centre-cropped."""
+    from PIL import Image
+
+    im = im.convert("L" if in_channels == 1 else "RGB")
+    w, h = im.size
+    if (w, h) != (image_size, image_size):
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+    a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def fit_array(x: np.ndarray, in_channels: int, image_size: int) -> np.ndarray:
+    """uint8 N x C x H x W (C = 1 or 3) -> uint8 N x in_channels x S x S, each image through :func:`fit_image`."""
+    from PIL import Image
+
+    if x.shape[1] == in_channels and x.shape[2] == x.shape[3] == image_size:
+        return x
+    out = np.empty((len(x), in_channels, image_size, image_size), dtype=np.uint8)
+    for i, a in enumerate(x):
+        out[i] = fit_image(Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)), in_channels, image_size)
+    return out
 
 
 def load_image(path: Path | str, in_channels: int, image_size: int) -> np.ndarray:
-    """One image file -> uint8 C x S x S: convert to grey or RGB, resize the short side to S, centre-crop."""
+    """One image file -> uint8 C x S x S (see :func:`fit_image`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if in_channels == 1 else "RGB")
-            w, h = im.size
-            if (w, h) != (image_size, image_size):
-                scale = image_size / min(w, h)
-                nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-                im = im.resize((nw, nh), Image.BILINEAR)
-                left, top = (nw - image_size) // 2, (nh - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-            a = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise PapmError(f"image {path} has {im.size[0]}x{im.size[1]} pixels, more than {MAX_PIXELS:,}; "
+                                "resize it or remove it")
+            return fit_image(im, in_channels, image_size)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise PapmError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _load_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
+    paths, in_channels, image_size = args
+    return np.stack([load_image(p, in_channels, image_size) for p in paths])
+
+
+def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, workers: int | None = None,
+                progress: Callable[[int], None] | None = None, min_parallel: int = 2000) -> np.ndarray:
+    """Many image files -> uint8 N x C x S x S, decoded by ``workers`` processes (default: one per CPU)
+    from ``min_parallel`` files on; ``progress(n)`` is called as chunks of n images finish."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        return np.zeros((0, in_channels, image_size, image_size), dtype=np.uint8)
+    workers = workers or os.cpu_count() or 1
+    chunk = 256 if len(paths) >= 4 * workers * 256 else max(1, -(-len(paths) // (4 * workers)))
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    if workers == 1 or len(paths) < min_parallel:  # starting processes costs more than it saves on a small set
+        parts = []
+        for c in chunks:
+            parts.append(_load_chunk((c, in_channels, image_size)))
+            if progress:
+                progress(len(c))
+        return np.concatenate(parts)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may run threads (Flower, Ray) that a fork would copy half-way
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = []
+        for c, part in zip(chunks, pool.map(_load_chunk, [(c, in_channels, image_size) for c in chunks])):
+            parts.append(part)
+            if progress:
+                progress(len(c))
+    return np.concatenate(parts)
 
 
 def normalise_array(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

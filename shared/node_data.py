@@ -2,7 +2,8 @@
 
 In simulation every node reads the same dataset and keeps its own partition
 (seeded, so nodes agree without talking). On a real SuperNode the node config's
-``data-root`` points at the device's own ImageFolder tree and the node keeps all of it.
+``data-root`` points at the device's own ImageFolder tree (``train/<class>/`` only) and
+the node keeps all of it. Images are read at the run's ``image-size`` and ``channels``.
 """
 
 from __future__ import annotations
@@ -26,28 +27,35 @@ class NodeData:
 
 
 @lru_cache(maxsize=4)
-def _dataset(name: str, root: str, split_seed: int, val_fraction: float) -> DataSplits:
-    return load_dataset(name, root or None, split_seed=split_seed, val_fraction=val_fraction)
+def _dataset(name: str, root: str, split_seed: int, val_fraction: float, image_size: int, channels: int,
+             parts: tuple[str, ...] = ("train", "test")) -> DataSplits:
+    return load_dataset(name, root or None, split_seed=split_seed, val_fraction=val_fraction, image_size=image_size,
+                        in_channels=channels, parts=parts)
 
 
 def load_node_data(cfg: RunConfig, partition_id: int, num_partitions: int, own_data_root: str = "") -> NodeData:
-    """This node's data. ``own_data_root`` (node config ``data-root``): the device's own tree, used whole."""
+    """This node's data. ``own_data_root`` (node config ``data-root``): the device's own tree
+    (``train/<class>/`` only), used whole; its evaluation split is carved from it (seeded)."""
     if own_data_root:
-        splits = _dataset("imagefolder", own_data_root, cfg.seed, cfg.val_fraction)
+        splits = _dataset("imagefolder", own_data_root, cfg.seed, cfg.val_fraction, cfg.image_size, cfg.channels, ("train",))
+        if len(splits.train) < cfg.min_partition_size:
+            raise PapmError(f"{own_data_root} holds {len(splits.train)} training images (after the evaluation split); "
+                            f"a node needs at least min-partition-size={cfg.min_partition_size}")
         return NodeData(splits.info, splits.train, splits.val)
     if not 0 <= partition_id < num_partitions:
         raise PapmError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; fix the node config")
-    splits = _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction)
+    splits = _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction, cfg.image_size, cfg.channels, ("train",))
     groups = None
     if cfg.partitioner == "by-group":
         # Before grouping exists, "by-group" data follows contiguous class blocks, one per device group.
         groups = [list(b) for b in np.array_split(np.arange(splits.info.num_classes), cfg.devices)]
     kw = dict(seed=cfg.seed, alpha=cfg.dirichlet_alpha, groups=groups, share=cfg.by_group_share)
-    train_parts = partition(splits.train.y.numpy(), num_partitions, cfg.partitioner, **kw)
-    val_parts = partition(splits.val.y.numpy(), num_partitions, cfg.partitioner, **{**kw, "seed": cfg.seed + 1})
+    train_parts = partition(splits.train.y.numpy(), num_partitions, cfg.partitioner, min_size=cfg.min_partition_size, **kw)
+    val_parts = partition(splits.val.y.numpy(), num_partitions, cfg.partitioner, min_size=0, **{**kw, "seed": cfg.seed + 1})
     return NodeData(splits.info, splits.train.subset(train_parts[partition_id]), splits.val.subset(val_parts[partition_id]))
 
 
 def server_test_split(cfg: RunConfig) -> DataSplits:
-    """The held-out test split the server evaluates on (never a node's data)."""
-    return _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction)
+    """The held-out test split the server evaluates on (never a node's data). An ImageFolder
+    coordinator needs only ``data-root/test/<class>/``."""
+    return _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction, cfg.image_size, cfg.channels, ("test",))

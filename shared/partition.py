@@ -2,7 +2,8 @@
 
 Every partitioner returns one sorted index array per node; together they cover
 every sample exactly once, and the same (labels, arguments, seed) always give
-the same split.
+the same split. Every node gets at least ``min_size`` samples, or the split is
+refused with one line that says what to change.
 """
 
 from __future__ import annotations
@@ -16,17 +17,27 @@ from .errors import PapmError
 PARTITIONERS = ("iid", "dirichlet", "by-group")
 
 
-def _check_nodes(labels: np.ndarray, num_nodes: int) -> None:
+def _check_nodes(labels: np.ndarray, num_nodes: int, min_size: int = 1) -> None:
     if num_nodes < 1:
         raise PapmError(f"number of nodes must be >= 1, got {num_nodes}")
-    if num_nodes > len(labels):
-        raise PapmError(f"cannot split {len(labels)} samples across {num_nodes} nodes; use fewer nodes")
+    if num_nodes * min_size > len(labels):
+        raise PapmError(f"cannot split {len(labels)} samples across {num_nodes} nodes with at least {min_size} each; "
+                        "use fewer nodes or a smaller min-partition-size")
 
 
-def partition_iid(labels: Sequence[int], num_nodes: int, seed: int = 0) -> list[np.ndarray]:
+def _check_sizes(parts: list[np.ndarray], min_size: int, method: str, fix: str) -> list[np.ndarray]:
+    sizes = [len(p) for p in parts]
+    if min(sizes) < min_size:
+        small = [i for i, n in enumerate(sizes) if n < min_size]
+        raise PapmError(f"the {method} partition gives node(s) {small} fewer than min-partition-size={min_size} samples "
+                        f"(sizes {sizes}); {fix}")
+    return parts
+
+
+def partition_iid(labels: Sequence[int], num_nodes: int, seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
     """Shuffle and deal out: every node gets ~len/num_nodes samples of mixed classes."""
     labels = np.asarray(labels)
-    _check_nodes(labels, num_nodes)
+    _check_nodes(labels, num_nodes, min_size)
     perm = np.random.default_rng(seed).permutation(len(labels))
     return [np.sort(part) for part in np.array_split(perm, num_nodes)]
 
@@ -39,7 +50,7 @@ def partition_dirichlet(
     Redraws (with the same seeded generator) until every node has ``min_size`` samples.
     """
     labels = np.asarray(labels)
-    _check_nodes(labels, num_nodes)
+    _check_nodes(labels, num_nodes, min_size)
     if not alpha > 0:
         raise PapmError(f"Dirichlet alpha must be > 0, got {alpha}")
     rng = np.random.default_rng(seed)
@@ -55,8 +66,8 @@ def partition_dirichlet(
         if min(len(p) for p in out) >= min_size:
             return out
     raise PapmError(
-        f"Dirichlet(alpha={alpha}) left a node with fewer than {min_size} samples after 1000 draws; "
-        "raise alpha or use fewer nodes"
+        f"Dirichlet(alpha={alpha}) left a node with fewer than min-partition-size={min_size} samples after 1000 draws; "
+        "raise dirichlet-alpha, use fewer nodes or a smaller min-partition-size"
     )
 
 
@@ -73,6 +84,7 @@ def partition_by_group(
     num_nodes: int,
     share: float = 0.8,
     seed: int = 0,
+    min_size: int = 1,
 ) -> list[np.ndarray]:
     """Each node mostly sees its group's classes.
 
@@ -81,7 +93,7 @@ def partition_by_group(
     Classes in no group are spread uniformly.
     """
     labels = np.asarray(labels)
-    _check_nodes(labels, num_nodes)
+    _check_nodes(labels, num_nodes, min_size)
     if not 0.0 <= share <= 1.0:
         raise PapmError(f"by-group share must be in [0, 1], got {share}")
     node_group = np.asarray(nodes_of_groups(len(groups), num_nodes))
@@ -93,7 +105,8 @@ def partition_by_group(
         members = np.flatnonzero(node_group == g)
         in_group = np.isin(labels, [c for c, gg in class_group.items() if gg == g]) & stay
         owner[in_group] = members[rng.integers(0, len(members), size=int(in_group.sum()))]
-    return [np.flatnonzero(owner == n) for n in range(num_nodes)]
+    return _check_sizes([np.flatnonzero(owner == n) for n in range(num_nodes)], min_size, "by-group",
+                        "lower by-group-share, use fewer nodes or a smaller min-partition-size")
 
 
 def partition(
@@ -105,13 +118,15 @@ def partition(
     alpha: float = 0.5,
     groups: Sequence[Sequence[int]] | None = None,
     share: float = 0.8,
+    min_size: int = 1,
 ) -> list[np.ndarray]:
+    """``min_size`` 0 allows empty partitions (a node's small evaluation split may be empty)."""
     if method == "iid":
-        return partition_iid(labels, num_nodes, seed)
+        return partition_iid(labels, num_nodes, seed, min_size)
     if method == "dirichlet":
-        return partition_dirichlet(labels, num_nodes, alpha, seed)
+        return partition_dirichlet(labels, num_nodes, alpha, seed, min_size)
     if method == "by-group":
         if not groups:
             raise PapmError("the by-group partitioner needs the class groups")
-        return partition_by_group(labels, groups, num_nodes, share, seed)
+        return partition_by_group(labels, groups, num_nodes, share, seed, min_size)
     raise PapmError(f"unknown partitioner {method!r}; choose one of {', '.join(PARTITIONERS)}")

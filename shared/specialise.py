@@ -100,6 +100,36 @@ def apoz_subset(train: ImageSet, classes: list[int], max_samples: int, seed: int
     return data.sample(max_samples, seed)
 
 
+def local_apoz_counts(base: nn.Module, train: ImageSet, info: DatasetInfo, classes: list[int], max_samples: int,
+                      seed: int, device="cpu") -> tuple[ActivationCounts, int]:
+    """APoZ counts of ``base`` on this node's samples of ``classes`` (at most ``max_samples``).
+
+    A node that holds none returns empty counts: it stays in the run and adds nothing (with
+    Dirichlet or by-group partitions some nodes hold no image of a group's classes)."""
+    data = train.of_classes(classes)
+    if len(data) == 0:
+        return ActivationCounts(), 0
+    data = data.sample(max_samples, seed)
+    return count_zero_activations(base, data, info, device), len(data)
+
+
+def objective_weight(labels: torch.Tensor, num_classes: int, classes: list[int], emphasis: float) -> float:
+    """A node's share of a group's weighted fine-tuning objective: the sum of its samples' class weights
+    (``emphasis`` for the group's classes, 1 for the others). FedAvg weighs the node's model by it, so a
+    node rich in the group's classes counts more than one that is merely large."""
+    return float(group_weights(num_classes, classes, emphasis)[labels].sum())
+
+
+def finetune_local(model: nn.Module, train: ImageSet, info: DatasetInfo, classes: list[int], settings: TrainSettings,
+                   emphasis: float, emphasis_mode: str, device="cpu", teacher: nn.Module | None = None) -> list[dict]:
+    """One node's fine-tuning of a group's model (one FedAvg round): the group's classes emphasised."""
+    weights = group_weights(info.num_classes, classes, emphasis)
+    return fit(model, train, info, settings, device,
+               class_weights=weights if emphasis_mode == "loss" else None,
+               sample_weights=weights[train.y] if emphasis_mode == "sampling" else None,
+               teacher=teacher, progress=False)
+
+
 def accuracy_summary(model: nn.Module, split: ImageSet, info: DatasetInfo, classes: list[int], device) -> dict:
     all_ = evaluate(model, split, info, device)
     grp = evaluate(model, split, info, device, classes=classes)

@@ -33,6 +33,9 @@ class TrainSettings:
     warmup: float = 0.15  # fraction of steps with linearly rising lr; then linear decay to 0
     seed: int = 0
     select_on_val: bool = True  # keep the weights of the epoch with the best validation accuracy
+    steps: int = 0  # optimiser steps to take (0: epochs x batches per epoch); the data is cycled through
+    schedule_total: int = 0  # steps of the whole schedule this fit is a window of (0: this fit alone)
+    schedule_start: int = 0  # where in that schedule this fit starts (a FedAvg round's offset)
 
     def validate(self) -> "TrainSettings":
         for name in ("epochs", "batch_size"):
@@ -40,7 +43,21 @@ class TrainSettings:
                 raise PapmError(f"{name} must be {'>= 0' if name == 'epochs' else '>= 1'}, got {getattr(self, name)}")
         if not self.lr > 0:
             raise PapmError(f"lr must be > 0, got {self.lr}")
+        if self.steps < 0 or self.schedule_start < 0 or self.schedule_total < 0:
+            raise PapmError("steps and the schedule window must be >= 0")
         return self
+
+    def lr_factor(self, total: int) -> Callable[[int], float]:
+        """Multiplier of ``lr`` at local step s: linear warm-up over ``warmup`` of the schedule, then linear
+        decay to 0; a window of a longer schedule (FedAvg rounds) continues it instead of starting over."""
+        length = self.schedule_total or total
+        warm = max(1, int(self.warmup * length))
+
+        def factor(s: int) -> float:
+            g = self.schedule_start + s
+            return (g + 1) / warm if g < warm else max(0.0, (length - g) / max(1, length - warm))
+
+        return factor
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -167,7 +184,7 @@ def fit(
         class_weights = class_weights.to(device=device, dtype=torch.float32)
     n = len(train)
     steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
-    total = settings.epochs * steps_per_epoch
+    total = settings.steps or settings.epochs * steps_per_epoch
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -177,14 +194,12 @@ def fit(
         momentum=settings.momentum,
         nesterov=True,
     )
-    warm = max(1, int(settings.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_factor(total))
     history: list[dict] = []
     best = (-1.0, None)
     bar = tqdm(total=total, desc=desc, disable=(not progress) if progress is not None else None, leave=False)
-    for epoch in range(settings.epochs):
+    step = 0
+    for epoch in range(math.ceil(total / steps_per_epoch)):
         model.train()
         if sample_weights is not None:
             order = torch.multinomial(sample_weights.float(), n, replacement=True, generator=gen)
@@ -193,6 +208,8 @@ def fit(
         order = order.to(device)
         seen, loss_sum, correct = 0, 0.0, 0
         for i in range(0, n, settings.batch_size):
+            if step == total:
+                break
             idx = order[i : i + settings.batch_size]
             xb = normalise(augment(x_all[idx], info, gen), info).contiguous(memory_format=memory_format)
             yb = y_all[idx]
@@ -207,6 +224,7 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            step += 1
             seen += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -12,40 +12,61 @@ from ..shared.config import PHASES, RunConfig
 from ..shared.errors import PapmError
 
 
-def backend_config(cfg: RunConfig) -> dict:
+def backend_config(cfg: RunConfig) -> tuple[dict, int]:
+    """Flower's Ray backend settings, and how many nodes it runs at the same time."""
     import torch
 
     cpus = os.cpu_count() or 1
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     # One CPU per simulated node, so a 2-core machine runs two nodes at a time instead of stalling.
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": (1.0 / min(cfg.nodes, 4)) if gpu else 0.0},
+    share = min(cfg.nodes, 4)
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": (1.0 / share) if gpu else 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "include_dashboard": False, "log_to_driver": False},
     }
+    return backend, max(1, min(cpus, share) if gpu else cpus)
+
+
+class _RunSimulationNotice(logging.Filter):
+    """Drops Flower's deprecation notice for ``run_simulation`` (the engine papm simulate drives)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg  # Flower also logs exception objects, not only strings
+        return not (isinstance(msg, str) and msg.startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
+
+
+def _expected(cfg: RunConfig) -> tuple[str, ...]:
+    """The phases this invocation must complete (up to stop-after)."""
+    return PHASES[: PHASES.index(cfg.stop_after) + 1] if cfg.stop_after else PHASES
 
 
 def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     """Run (or resume) the whole pipeline; returns the run directory."""
     from ..server.run_directory import RunDirectory
+    from ..shared.checkpoint import resolve_run_inputs
     from ..shared.grouping import check_k
     from ..shared.node_data import server_test_split
 
+    cfg = resolve_run_inputs(cfg)
     # The server holds the test split anyway: check K against the classes before any work starts.
     check_k(cfg.devices, server_test_split(cfg).info.num_classes)
     run = RunDirectory(cfg.run_dir)
-    if run.exists():
-        if force:
-            shutil.rmtree(run.path)
-        elif not resume:
-            raise PapmError(f"{run.path} already holds a run; pass --resume to continue it, --force to start over, "
-                            "or choose another --run-dir")
+    if force and run.path.exists():
+        run.clear()  # only a run's own files, only in a folder marked as a run; anything else is refused
+    elif run.exists():
+        if not resume:
+            raise PapmError(run.taken_message())
         else:
             diff = run.read_config().differences(cfg)
             if diff:
                 raise PapmError(f"{run.path} was started with a different config ({', '.join(diff)} differ); "
                                 "resume with the same config or choose another --run-dir")
+            if all(run.is_done(p) for p in _expected(cfg)):
+                return run.path  # finished: nothing to run, no Flower or Ray to start
     elif resume:
         raise PapmError(f"nothing to resume: {run.path} holds no run; drop --resume to start one")
+    else:
+        run.check_free()
     # Offline: never try to install the app's dependencies; keep Ray quiet and local.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -58,11 +79,15 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     from ..server.server_app import build_server_app
 
     t0 = time.perf_counter()
+    quiet = _RunSimulationNotice()
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addFilter(quiet)  # papm simulate is the user's command; Flower's note about its own API is not theirs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            run_simulation(server_app=build_server_app(cfg, resume=True), client_app=client_app,
-                           num_supernodes=cfg.nodes, backend_config=backend_config(cfg))
+            backend, parallel = backend_config(cfg)
+            run_simulation(server_app=build_server_app(cfg, resume=True, parallel_nodes=parallel), client_app=client_app,
+                           num_supernodes=cfg.nodes, backend_config=backend)
         except PapmError:
             raise
         except Exception as e:  # the ServerApp's own error, re-raised by Flower
@@ -73,9 +98,10 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
                     raise nxt from None
                 cause = nxt
             raise
+        finally:
+            flower_logger.removeFilter(quiet)
     done = run.completed()
-    expected = PHASES[: PHASES.index(cfg.stop_after) + 1] if cfg.stop_after else PHASES
-    missing = [p for p in expected if p not in done]
+    missing = [p for p in _expected(cfg) if p not in done]
     if missing:
         raise PapmError(f"the run stopped before phase {missing[0]} finished (see the log above); "
                         f"fix the cause and continue with `papm simulate --run-dir {run.path} --resume`")

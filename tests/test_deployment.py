@@ -28,6 +28,8 @@ import pytest
 
 from papm.shared.config import PHASES
 
+from conftest import pattern_base, write_pattern_folder
+
 ROOT = Path(__file__).resolve().parents[1]  # the project folder `flwr run .` packs
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode live beside python
 # The shortest useful run (the brief's fast overrides).
@@ -245,27 +247,34 @@ def test_unregistered_node_key_is_refused(federation):
     assert fed.online() == set()
 
 
-def test_deployment_with_tls_and_node_auth_whole_run(federation, tmp_path, base_ckpt):
-    """A whole run on a real federation: kit, TLS, registered keys, 3 SuperNodes, `flwr run` from the
-    project root with a given base checkpoint (the FedAvg base phase is exercised in simulation),
-    every later phase over the network, a signed bundle that a device verifies. A failing run is
-    reported as such by `flwr ls` (which is why the tests never trust exit codes)."""
+def test_deployment_with_tls_and_node_auth_whole_run(federation, tmp_path):
+    """A whole run on a real federation: kit, TLS, registered keys, 3 SuperNodes that each hold their
+    own ImageFolder tree (train/ only, photos of different sizes read at 48x48 RGB), `flwr run` from
+    the project root with a given base checkpoint (the FedAvg base phase is exercised in simulation)
+    and the coordinator's test split, every later phase over the network, a signed bundle that a
+    device verifies. A failing run is reported as such by `flwr ls` (the tests never trust exit codes)."""
+    coordinator, base_ckpt = pattern_base(tmp_path, size=48, channels=3)
+    for i in range(3):
+        write_pattern_folder(tmp_path / f"device{i}", per_class=10, size=48 + 16 * i, parts=("train",), seed=20 + i)
     fed = federation()
-    fed.init_kit()
+    fed.init_kit("--data-root-template", str(tmp_path / "device{id}"))
     fed.start_superlink()
     for i in range(3):
         fed.start_node(i)
     assert fed.wait_online(3) == set(fed.node_ids.values())  # the registered keys, nothing else
     run_dir = tmp_path / "run"
     key = fed.kit / "signing" / "papm-signing-key.pem"
-    run_id = fed.submit(f'{FAST} base-checkpoint="{base_ckpt}" run-dir="{run_dir}" sign-key="{key}"')
+    run_id = fed.submit(f'{FAST} base-checkpoint="{base_ckpt}" data-root="{coordinator}" run-dir="{run_dir}" sign-key="{key}"')
     run = fed.wait_run(run_id, timeout=600)
     assert run["status"] == "finished:completed", (run, fed.log("superlink")[-3000:])
     st = state(run_dir)
     assert st["completed"] == list(PHASES) and "failures" not in st
     assert (run_dir / "groups" / "groups.json").exists() and (run_dir / "summary.md").exists()
     ev = json.loads((run_dir / "evaluation.json").read_text())
-    assert ev["federated"]["nodes"] == 3 and 0.0 < ev["fusion"]["accuracy"] <= 1.0
+    assert ev["federated"]["nodes"] == 3 and 0.0 < ev["fusion"]["accuracy"] <= 1.0 and ev["test_samples"] == 36
+    nodes = json.loads((run_dir / "groups" / "assignment.json").read_text())["nodes"]
+    assert sorted(int(p) for p in nodes) == [0, 1, 2]
+    assert json.loads((run_dir / "bundle" / "manifest.json").read_text())["input"]["shape"] == [None, 3, 48, 48]
     exporters = {p["node_report"]["partition_id"] for p in json.loads((run_dir / "devices" / "extractors.json").read_text())["parts"]}
     assert exporters == {0, 1, 2}  # each device group's own node exported its extractor
     # the run's bundle is signed with the kit's key: a device verifies it with the public half

@@ -13,6 +13,7 @@ import torch
 
 from papm.shared.checkpoint import load_checkpoint, load_head
 from papm.shared.datasets import normalise
+from papm.shared.errors import PapmError
 from papm.shared.fusion import SplitModel
 
 from test_export import GROUPS, exported_bundle
@@ -214,6 +215,27 @@ def test_tampered_file(bundle_copy, pngs):
         f.write(bytes([b[0] ^ 0xFF]))
     line = only_error_line(edge("infer", bundle_copy, pngs[1][0]))
     assert "device-1.onnx" in line and "sha256" in line
+
+
+def test_file_swapped_after_the_check_is_never_run(bundle_copy, monkeypatch):
+    """Verify, then run the very bytes verified: a part replaced by another valid ONNX file after the
+    bundle was checked is refused when its session is made, and ONNX Runtime never sees its bytes."""
+    from papm.deploy import runtime
+    from papm.deploy.bundle import load_bundle
+
+    bundle = load_bundle(bundle_copy)
+    part = bundle_copy / "parts" / "device-0.onnx"
+    shutil.copy(bundle_copy / "parts" / "device-1.onnx", part)  # a valid graph, the wrong one
+    given = []
+    real = runtime.make_session
+    monkeypatch.setattr(runtime, "make_session", lambda model, *a, **k: given.append(model) or real(model, *a, **k))
+    rt = runtime.EdgeRuntime(bundle)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    rt.part_features(1, x)  # an untouched part runs, from the bytes that were checked
+    assert given and isinstance(given[0], bytes)
+    with pytest.raises(PapmError, match="changed since the bundle was checked"):
+        rt.part_features(0, x)
+    assert len(given) == 1  # the swapped file never reached ONNX Runtime
 
 
 def test_missing_file(bundle_copy, pngs):

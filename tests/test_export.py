@@ -174,12 +174,19 @@ def test_int8_parts_are_static_qdq_per_channel(exported):
     assert model.opset_import[0].version >= 17
 
 
-def test_export_refuses_to_overwrite_without_force(exported):
+def test_export_refuses_to_overwrite_without_force(exported, tmp_path):
     run, bundle, _, _ = exported
     before = (bundle / "manifest.json").read_bytes()
+    # the run's own bundle is regenerated on request, but a signed one only with a key: refused, unchanged
     line = one_error_line(run_export_cli(run))
-    assert "already exists" in line and "--force" in line
+    assert "is signed" in line and "--sign-key" in line
     assert (bundle / "manifest.json").read_bytes() == before
+    # another existing bundle is replaced only with --force
+    other = tmp_path / "copy"
+    shutil.copytree(bundle, other)
+    line = one_error_line(run_export_cli(run, "--out", other))
+    assert "already exists" in line and "--force" in line
+    assert (other / "manifest.json").read_bytes() == before
 
 
 def test_export_of_an_incomplete_run_dir(tmp_path, exported):

@@ -49,6 +49,7 @@ def test_default_demo_end_to_end(tmp_path):
     summary = (run / "summary.md").read_text()
     assert "baseline (unsplit base model)" in summary and "fusion (K pruned extractors + head)" in summary
     assert "| fusion" in r.stdout and "| baseline" in r.stdout  # the results table is printed
+    assert "DEPRECATED" not in r.stderr  # Flower's note about run_simulation is not the user's business
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert {r["name"] for r in rows if r["row"] == "accuracy"} == {"baseline", "fusion"}
     assert len(_phase_lines(run, "base")) == 8 and len(_phase_lines(run, "fusion")) == 5

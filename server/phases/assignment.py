@@ -52,6 +52,7 @@ def assign_nodes(class_counts: dict[int, np.ndarray], groups: list[list[int]]) -
 
 
 def run(d: RunDriver) -> None:
+    d.rd.rewind_metrics({"assignment": None})
     _, info, _ = d.rd.load_base()
     analysis = analyse_stats(d.rd.load_class_stats(), info.class_names, d.cfg.similarity, d.cfg.outputs, d.cfg.balanced)
     stats_nodes = [m["nodes"] for m in d.rd.metrics() if m.get("phase") == "statistics"]

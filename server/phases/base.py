@@ -2,7 +2,12 @@
 
 A given ``base-checkpoint`` is checked against the nodes' data (classes, image shape) and
 kept with its own normalisation; otherwise the base model is trained with FedAvg over all
-nodes for ``base-rounds`` rounds. Output: ``base.pt``.
+nodes for ``base-rounds`` rounds. BatchNorm (``bn``): with ``recalibrate`` the averaged
+model's running statistics are re-estimated exactly from all nodes' sums after every round
+(averaged statistics describe none of the averaged models); ``local`` (FedBN) also keeps each
+node's BatchNorm weights on the node between rounds; ``average`` averages them like every
+other weight. The global model is saved after every round (``progress/base.pt``), so a
+killed run resumes at the round it was in. Output: ``base.pt``.
 """
 
 from __future__ import annotations
@@ -37,16 +42,25 @@ def run(d: RunDriver) -> None:
         args = model_args(info.num_classes, info.in_channels, cfg.width)
         model = build_model(args)
         test = d.test_split()
-        for rnd in range(cfg.base_rounds):
+        progress = d.rd.load_progress("base")
+        start = int(progress["round"]) if progress else 0
+        if progress:  # a killed run resumes at the round it was in (every round's seeds are fixed by its index)
+            model.load_state_dict(progress["model"])
+            log(INFO, "base: resuming after round %d of %d", start, cfg.base_rounds)
+        d.rd.rewind_metrics({"base": start})
+        for rnd in range(start, cfg.base_rounds):
             papm, arrays = d.model_payload(model, args)
             replies = d.send("base", "train.base", {
                 n: d.content({**papm, "data-info": info.to_dict(), "round": rnd}, **arrays) for n in d.nodes})
             states = [record_state(c["model"]) for c in replies.values()]
             weights = [float(c["metrics"]["num-examples"]) for c in replies.values()]
             model.load_state_dict(weighted_average(states, weights))
+            if cfg.bn != "average":
+                d.recalibrate_bn("base", {"base": (model, args)}, {"base": list(d.nodes)}, info)
             acc = evaluate(model, test, info, d.device)["accuracy"]
             loss = sum(float(c["metrics"]["train-loss"]) * w for c, w in zip(replies.values(), weights)) / sum(weights)
             d.rd.log_metrics("base", round=rnd + 1, nodes=len(replies), train_loss=loss, test_accuracy=acc)
+            d.rd.save_progress("base", {"round": rnd + 1, "model": model.state_dict()})
             log(INFO, "base round %d/%d: %d nodes, loss %.4f, test accuracy %.4f", rnd + 1, cfg.base_rounds, len(replies), loss, acc)
     save_checkpoint(d.rd.base_file, model, args, info, kind="base",
                     meta={"source": cfg.base_checkpoint or "fedavg", "rounds": cfg.base_rounds})

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 def run(d: RunDriver) -> None:
+    d.rd.rewind_metrics({"evaluation": None})
     base, info, base_args = d.rd.load_base()
     k = d.rd.load_assignment()["k"]
     loaded = [d.rd.load_extractor(g) for g in range(k)]

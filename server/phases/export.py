@@ -101,6 +101,7 @@ def plan_round(d: RunDriver, todo: dict[str, Item], assignment: dict) -> dict[in
 
 
 def run(d: RunDriver) -> None:
+    d.rd.rewind_metrics({"export": None})
     base, info, base_args = d.rd.load_base()
     assignment = d.rd.load_assignment()
     groups = assignment["groups"]

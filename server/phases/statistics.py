@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 
 def run(d: RunDriver) -> None:
+    d.rd.rewind_metrics({"statistics": None})
     base, info, args = d.rd.load_base()
     papm, arrays = d.model_payload(base, args)
     replies = d.send("statistics", "query.class_stats",

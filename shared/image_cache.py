@@ -1,0 +1,83 @@
+"""Decoded ImageFolder splits, cached so a second run does not decode again.
+
+An ImageFolder split (``ROOT/train`` or ``ROOT/test``, one folder per class) is decoded in
+parallel with a progress bar, then kept as one uint8 array file in the cache folder
+(``$PAPM_CACHE_DIR``, default ``~/.cache/papm/images``; ``PAPM_CACHE_DIR=off`` disables
+it). The cache key covers the folder, the class names, every file's relative path, size
+and modification time, the image size and channels, and the preprocessing version: a
+changed, added or removed file, or another size, decodes again. Cache files are written
+atomically; a damaged one is decoded again and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PapmError
+from .files import atomic_write_bytes
+from .images import IMAGE_SUFFIXES, load_images
+
+PREPROCESS_VERSION = 1  # bump when images.fit_image changes what it produces
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get("PAPM_CACHE_DIR", "")
+    if value.lower() in ("off", "0", "none"):
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "papm" / "images"
+
+
+def list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(file, class index) for every image under ``folder/<class>/``, in a fixed order."""
+    files = []
+    for c, name in enumerate(classes):
+        d = folder / name
+        if not d.is_dir():
+            raise PapmError(f"{folder} has no folder {name!r} (a class of the training data); give every split the same classes")
+        files += [(f, c) for f in sorted(d.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    return files
+
+
+def cache_key(folder: Path, classes: list[str], files: list[tuple[Path, int]], in_channels: int, image_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"folder": str(folder.resolve()), "classes": classes, "channels": in_channels, "size": image_size,
+                         "version": PREPROCESS_VERSION}).encode())
+    for f, c in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}\0{c}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def read_image_folder(folder: Path, classes: list[str], in_channels: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N x C x S x S, int64 labels) of one split, from the cache or decoded in parallel."""
+    from tqdm.auto import tqdm
+
+    files = list_images(folder, classes)
+    if not files:
+        raise PapmError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    labels = np.asarray([c for _, c in files], dtype=np.int64)
+    where = cache_dir()
+    path = where / f"{cache_key(folder, classes, files, in_channels, image_size)}.npy" if where else None
+    if path is not None and path.is_file():
+        try:
+            x = np.load(path, allow_pickle=False)
+            if x.shape == (len(files), in_channels, image_size, image_size) and x.dtype == np.uint8:
+                return x, labels
+        except (OSError, ValueError):
+            pass  # damaged: decode again below and replace it
+    with tqdm(total=len(files), desc=f"decoding {folder.name}/", unit="img", leave=False, disable=None) as bar:
+        x = load_images([f for f, _ in files], in_channels, image_size, progress=bar.update)
+    if path is not None:
+        try:
+            buf = io.BytesIO()
+            np.save(buf, x, allow_pickle=False)
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError:
+            pass  # a read-only or full cache folder only costs the next run a decode
+    return x, labels

@@ -1,0 +1,217 @@
+"""Real-image paths: any image size and channels, devices with their own trees, the image cache,
+non-IID nodes that stay in the run, bounded memory, and the run's input shape from a checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from papm.shared import image_cache
+from papm.shared.checkpoint import resolve_run_inputs
+from papm.shared.config import PHASES, RunConfig
+from papm.shared.datasets import load_dataset
+from papm.shared.errors import PapmError
+from papm.shared.images import load_images
+from papm.shared.partition import partition
+from papm.shared.specialise import local_apoz_counts, objective_weight
+
+from conftest import pattern_base, run_papm, write_pattern_folder
+
+
+@pytest.mark.parametrize("size,channels", [(48, 3), (16, 1), (8, 3)])
+def test_imagefolder_at_any_size_and_channels(tmp_path, size, channels):
+    root = write_pattern_folder(tmp_path / "data", per_class=6, size=40)
+    splits = load_dataset("imagefolder", root, image_size=size, in_channels=channels)
+    assert tuple(splits.train.x.shape[1:]) == (channels, size, size) and splits.train.x.dtype == torch.uint8
+    assert tuple(splits.test.x.shape[1:]) == (channels, size, size) and len(splits.test) == 18
+    assert (splits.info.image_size, splits.info.in_channels) == (size, channels)
+    assert splits.info.class_names == ["circle", "square", "stripes"]
+
+
+def test_a_device_tree_needs_only_train(tmp_path):
+    root = write_pattern_folder(tmp_path / "dev", per_class=10, parts=("train",))
+    splits = load_dataset("imagefolder", root, image_size=48, in_channels=3, parts=("train",), val_fraction=0.2)
+    assert len(splits.train) + len(splits.val) == 30 and len(splits.val) == 6 and len(splits.test) == 0
+    again = load_dataset("imagefolder", root, image_size=48, in_channels=3, parts=("train",), val_fraction=0.2)
+    assert torch.equal(again.val.x, splits.val.x)  # the evaluation split is seeded
+    with pytest.raises(PapmError, match="train/<class>/"):
+        load_dataset("imagefolder", tmp_path / "dev" / "train", parts=("train",))
+    coordinator = write_pattern_folder(tmp_path / "coord", per_class=4, parts=("test",))
+    test_only = load_dataset("imagefolder", coordinator, image_size=48, parts=("test",))
+    assert len(test_only.test) == 12 and len(test_only.train) == 0
+
+
+def test_the_cache_decodes_once_and_notices_a_changed_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPM_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_pattern_folder(tmp_path / "data", per_class=5)
+    first = load_dataset("imagefolder", root, image_size=24)
+    calls = []
+    real = image_cache.load_images
+    monkeypatch.setattr(image_cache, "load_images", lambda *a, **k: calls.append(a) or real(*a, **k))
+    second = load_dataset("imagefolder", root, image_size=24)
+    assert calls == [] and torch.equal(first.train.x, second.train.x) and torch.equal(first.test.x, second.test.x)
+    load_dataset("imagefolder", root, image_size=32)  # another size: decoded again
+    assert len(calls) == 2
+    victim = sorted((root / "train" / "square").iterdir())[0]
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(victim)  # changed content, size and time
+    third = load_dataset("imagefolder", root, image_size=24)
+    assert len(calls) == 3
+    assert int(third.train.x.sum()) + int(third.val.x.sum()) != int(first.train.x.sum()) + int(first.val.x.sum())
+    (tmp_path / "cache").chmod(0o500)  # a read-only cache costs a decode, never a failure
+    try:
+        load_dataset("imagefolder", root, image_size=20)
+    finally:
+        (tmp_path / "cache").chmod(0o700)
+
+
+def test_parallel_decoding_gives_the_same_arrays(tmp_path):
+    root = write_pattern_folder(tmp_path / "data", per_class=8, size=36)
+    files = sorted((root / "train").rglob("*.png"))
+    serial = load_images(files, 3, 32, workers=1)
+    parallel = load_images(files, 3, 32, workers=2, min_parallel=1)
+    assert serial.shape == (24, 3, 32, 32) and np.array_equal(serial, parallel)
+
+
+def test_partitions_keep_a_minimum_size_or_refuse():
+    labels = np.repeat(np.arange(10), 30)
+    for method, kw in (("iid", {}), ("dirichlet", {"alpha": 0.3}), ("by-group", {"groups": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]})):
+        parts = partition(labels, 4, method, seed=2, min_size=40, **kw)
+        assert min(len(p) for p in parts) >= 40 and sum(len(p) for p in parts) == 300
+    with pytest.raises(PapmError, match="min-partition-size"):
+        partition(labels, 4, "iid", min_size=80)
+    with pytest.raises(PapmError, match="min-partition-size"):
+        partition(labels, 10, "dirichlet", alpha=0.01, seed=0, min_size=25)
+    with pytest.raises(PapmError, match="by-group-share"):  # share 1: the nodes of group 1 past the first get little
+        partition(labels, 5, "by-group", groups=[[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]], share=1.0, min_size=40)
+
+
+def test_run_inputs_come_from_the_checkpoint(tmp_path, base_ckpt):
+    cfg = resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}"]))
+    assert (cfg.dataset, cfg.image_size, cfg.channels) == ("digits", 8, 1)  # the digits checkpoint's
+    for key, value in (("image-size", "16"), ("channels", "3"), ("dataset", "cifar10")):
+        with pytest.raises(PapmError, match=f"{key}={value} conflicts with base-checkpoint"):
+            resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}", f"{key}={value}"]))
+    assert resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}", "image-size=8"])).image_size == 8
+    plain = resolve_run_inputs(RunConfig())
+    assert (plain.dataset, plain.image_size, plain.channels) == ("digits", 8, 1)
+    tree = resolve_run_inputs(RunConfig.from_overrides(["dataset=imagefolder", "data-root=x"]))
+    assert (tree.image_size, tree.channels) == (32, 3)
+    for bad, needle in (("image-size=4", "image-size must be in [8, 512]"), ("image-size=513", "image-size must be in [8, 512]"),
+                        ("channels=2", "channels must be 1"), ("base-lr=nan", "finite"), ("timeout=inf", "finite"),
+                        ("finetune-nodes=some", "finetune-nodes must be"), ("bn=batch", "bn must be")):
+        with pytest.raises(PapmError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            RunConfig.from_overrides([bad])
+
+
+def test_a_node_without_group_samples_adds_nothing_and_weighs_by_the_groups_classes(base_ckpt, digits):
+    from papm.shared.checkpoint import load_checkpoint
+
+    base, info, _ = load_checkpoint(base_ckpt)
+    only_low = digits.train.of_classes([0, 1, 2])
+    counts, n = local_apoz_counts(base, only_low, info, [7, 8], 64, seed=0)
+    assert n == 0 and not counts.zeros  # nothing to count, no error
+    counts, n = local_apoz_counts(base, digits.train, info, [7, 8], 64, seed=0)
+    assert n == 64 and counts.zeros
+    # FedAvg weight: class weights summed: emphasis for the group's classes, 1 for the rest
+    y = torch.tensor([7, 7, 0, 1])
+    assert objective_weight(y, 10, [7, 8], emphasis=4.0) == 4 + 4 + 1 + 1
+
+
+def test_class_statistics_of_100_classes_in_bounded_memory():
+    """20,000 samples x 100 classes: the old N x C x C outer products alone were 1.6 GB (twice)."""
+    code = """
+import resource, torch
+from papm.shared.class_stats import ClassStatistics
+torch.manual_seed(0)
+logits, labels = torch.randn(20000, 100), torch.randint(0, 100, (20000,))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stats = ClassStatistics.from_logits(logits, labels)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+p = torch.softmax(logits.double(), 1)
+c = 7
+ref = p[labels == c].T @ p[labels == c]
+assert torch.allclose(stats.softmax_outer[c], ref) and int(stats.counts.sum()) == 20000
+print(grew // 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip()) < 400, f"class statistics grew the process by {r.stdout.strip()} MiB"
+
+
+@pytest.mark.parametrize("size,channels", [(48, 3), (16, 1)])
+def test_devices_with_their_own_trees_end_to_end(tmp_path, size, channels):
+    """Three devices, each with its own train/ tree; the coordinator holds the test split; the image
+    shape and classes come from the base checkpoint; the run goes through every phase."""
+    from papm.simulations.direct import run_direct
+
+    root, base = pattern_base(tmp_path, size, channels)
+    devices = [write_pattern_folder(tmp_path / f"dev{i}", per_class=10, size=size + 4 * i, channels=channels,
+                                    parts=("train",), seed=10 + i) for i in range(3)]
+    cfg = RunConfig.from_overrides([f"base-checkpoint={base}", f"data-root={root}", f"run-dir={tmp_path / 'run'}",
+                                    "nodes=3", "devices=2", "finetune-epochs=1", "fusion-rounds=1", "budget=0.5",
+                                    "min-partition-size=4", "device=cpu"])
+    run_direct(cfg, [{"partition-id": i, "num-partitions": 3, "data-root": str(d)} for i, d in enumerate(devices)])
+    run = tmp_path / "run"
+    assert json.loads((run / "state.json").read_text())["completed"] == list(PHASES)
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == [None, channels, size, size]
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["test_samples"] == 36 and ev["federated"]["nodes"] == 3 and ev["federated"]["samples"] > 0
+    # papm infer reads any photo at the bundle's size, through the same resize
+    from PIL import Image
+
+    photo = tmp_path / "big.png"
+    Image.fromarray(np.full((300, 200, 3), 128, np.uint8)).save(photo)
+    r = run_papm("infer", run / "bundle", photo, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["top_k"], r.stderr
+
+
+def test_a_device_with_other_classes_is_refused_in_one_line(tmp_path):
+    from papm.simulations.direct import run_direct
+
+    root, base = pattern_base(tmp_path, 24, 3)
+    good = write_pattern_folder(tmp_path / "dev0", per_class=8, parts=("train",))
+    odd = write_pattern_folder(tmp_path / "dev1", classes=("circle", "square", "zigzag"), per_class=8, parts=("train",))
+    cfg = RunConfig.from_overrides([f"base-checkpoint={base}", f"data-root={root}", f"run-dir={tmp_path / 'run'}",
+                                    "nodes=2", "devices=2", "min-partition-size=4", "device=cpu"])
+    with pytest.raises(PapmError) as e:
+        run_direct(cfg, [{"partition-id": 0, "num-partitions": 2, "data-root": str(good)},
+                         {"partition-id": 1, "num-partitions": 2, "data-root": str(odd)}])
+    assert "partition-id 1 has classes ['circle', 'square', 'zigzag']" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "base.pt").exists()
+
+
+@pytest.mark.parametrize("finetune_nodes", ["all", "group"])
+def test_nodes_without_group_samples_stay_in_the_run(tmp_path, finetune_nodes):
+    """Device 0 holds only circles, device 1 only squares, device 2 all three classes: two devices hold
+    no image of some group's classes. Nobody is evicted; APoZ counts come from the nodes that have
+    samples; with finetune-nodes=group a node serving a group it has no image of still fine-tunes."""
+    from papm.simulations.direct import run_direct
+
+    root, base = pattern_base(tmp_path, 24, 3)
+    trees = [write_pattern_folder(tmp_path / "dev0", classes=("circle",), per_class=12, parts=("train",), seed=3),
+             write_pattern_folder(tmp_path / "dev1", classes=("circle", "square"), per_class=12, parts=("train",), seed=4),
+             write_pattern_folder(tmp_path / "dev2", per_class=12, parts=("train",), seed=5)]
+    for d in trees[:2]:  # the same class folders everywhere, some of them empty
+        for name in ("circle", "square", "stripes"):
+            (d / "train" / name).mkdir(parents=True, exist_ok=True)
+    for f in (tmp_path / "dev1" / "train" / "circle").iterdir():
+        f.unlink()
+    cfg = RunConfig.from_overrides([f"base-checkpoint={base}", f"data-root={root}", f"run-dir={tmp_path / 'run'}",
+                                    "nodes=3", "devices=3", "finetune-epochs=1", "fusion-rounds=1", "min-partition-size=4",
+                                    f"finetune-nodes={finetune_nodes}", "device=cpu"])
+    run_direct(cfg, [{"partition-id": i, "num-partitions": 3, "data-root": str(d)} for i, d in enumerate(trees)])
+    run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed"] == list(PHASES) and not state.get("failures")
+    reports = [json.loads((run / "devices" / f"device-{g}" / "prune.json").read_text()) for g in range(3)]
+    apoz_nodes = {r["class_names"][0]: r["apoz_nodes"] for r in reports}
+    if finetune_nodes == "all":
+        assert apoz_nodes == {"circle": 2, "square": 2, "stripes": 1}
+    else:  # one node per group: the group's own node, with or without images of it
+        assert set(apoz_nodes.values()) <= {0, 1}

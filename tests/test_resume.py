@@ -1,0 +1,106 @@
+"""Resume inside a phase: a run killed in the middle of a FedAvg round resumes at that round, metrics.jsonl
+holds every round once, and with a fixed seed the resumed run ends exactly where an uninterrupted one does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from papm.client.client_app import app as client_app
+from papm.shared.config import PHASES, RunConfig
+from papm.simulations.direct import run_direct
+
+SMALL = ["nodes=2", "devices=2", "base-rounds=3", "base-epochs=1", "finetune-epochs=1", "finetune-rounds=2",
+         "fusion-rounds=2", "device=cpu"]
+
+
+def _rounds(run, label):
+    return [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["phase"] == label]
+
+
+def killer(message_type: str, at_round: int):
+    """A ClientApp that dies like a killed process (KeyboardInterrupt is no Exception: nothing catches it)
+    when the server sends round ``at_round`` (0-based) of ``message_type``."""
+    def app(msg, context):
+        if msg.metadata.message_type == message_type:
+            papm = msg.content["papm"]
+            rnd = json.loads(papm["jobs"])[0]["round"] if "jobs" in papm else json.loads(papm["round"]) if "round" in papm else -1
+            if rnd == at_round:
+                raise KeyboardInterrupt(f"killed in {message_type} round {at_round}")
+        return client_app(msg, context)
+    return app
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run every killed one is compared with."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    run_direct(RunConfig.from_overrides([*SMALL, f"run-dir={run}"]))
+    return run
+
+
+@pytest.mark.parametrize("message_type,label,at_round,rounds", [
+    ("train.base", "base", 2, 3), ("train.finetune", "finetune", 1, 2), ("train.fusion", "fusion", 1, 2)])
+def test_a_run_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_one(tmp_path, whole, message_type, label,
+                                                                                 at_round, rounds):
+    killed = tmp_path / "killed"
+    cfg = RunConfig.from_overrides([*SMALL, f"run-dir={killed}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_direct(cfg, app=killer(message_type, at_round))
+    assert _rounds(killed, label) == list(range(1, at_round + 1))  # the rounds before the kill, each once
+    trained = []
+
+    def spy(msg, context):  # which round does the resumed run train first?
+        if msg.metadata.message_type == message_type:
+            papm = msg.content["papm"]
+            trained.append(json.loads(papm["jobs"])[0]["round"] if "jobs" in papm else json.loads(papm["round"]))
+        return client_app(msg, context)
+
+    run_direct(cfg, resume=True, app=spy)
+    assert trained[0] == at_round  # the round it was killed in is the first one trained again
+    assert _rounds(killed, label) == list(range(1, rounds + 1))  # every round exactly once
+    assert json.loads((killed / "state.json").read_text())["completed"] == list(PHASES)
+    assert not (killed / "progress").exists() or not list((killed / "progress").iterdir())
+    # same seeds, same rounds: the resumed run ends exactly where the uninterrupted one did (tolerance: none)
+    a = json.loads((whole / "evaluation.json").read_text())
+    b = json.loads((killed / "evaluation.json").read_text())
+    assert (a["base"]["accuracy"], a["fusion"]["accuracy"]) == (b["base"]["accuracy"], b["fusion"]["accuracy"])
+    assert a["fusion"]["per_class"] == b["fusion"]["per_class"]
+
+
+@pytest.mark.slow
+def test_sigkill_in_base_round_3_then_resume(tmp_path):
+    """The real thing: `papm simulate` killed with SIGKILL (its whole process group, Ray included) while it
+    trains base round 3; `--resume` starts at round 3 and metrics.jsonl has no duplicate round."""
+    run = tmp_path / "run"
+    sets = [a for s in ["base-rounds=6", "base-epochs=2", "nodes=3", "devices=2", "finetune-epochs=1", "fusion-rounds=2"]
+            for a in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "papm.cli", "simulate", *sets, "--run-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if (run / "metrics.jsonl").exists() and 2 in _rounds(run, "base"):
+                break
+            assert proc.poll() is None, "the run ended before round 2"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no base round 2 within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert _rounds(run, "base") == [1, 2]
+    killed_at = time.time()
+    r = subprocess.run([sys.executable, "-m", "papm.cli", "simulate", *sets, "--run-dir", str(run), "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    base = [m for m in lines if m["phase"] == "base"]
+    assert [m["round"] for m in base] == [1, 2, 3, 4, 5, 6]
+    assert all(m["time"] < killed_at for m in base[:2]) and all(m["time"] > killed_at for m in base[2:])
+    assert "resuming after round 2 of 6" in r.stderr

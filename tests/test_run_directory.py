@@ -1,0 +1,190 @@
+"""The run directory keeps its promises: --force deletes only a run's own files in a folder marked as a
+run, writes are durable (fsync) with the right permissions, a finished run resumes without Flower."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from papm.server.run_directory import MARKER, RunDirectory
+from papm.shared import files
+from papm.shared.config import RunConfig
+from papm.shared.errors import PapmError
+from papm.shared.fusion import FusionHead, feature_sums
+
+from conftest import run_papm
+
+
+def test_force_refuses_a_folder_that_is_not_a_run_and_deletes_nothing(tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "config.json").write_text('{"mine": true}')
+    (work / "state.json").write_text("{}")  # even both names, without the marker and a run's config inside
+    (work / "thesis.tex").write_text("years of work")
+    (work / "data").mkdir()
+    (work / "data" / "x.png").write_bytes(b"png")
+    before = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
+    r = run_papm("simulate", "--run-dir", work, "--force", cwd=tmp_path)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "not a PAPM run directory" in errors[0], r.stderr[-2000:]
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == before
+    assert (work / "thesis.tex").read_text() == "years of work"
+    # the current folder (an empty run-dir) is refused the same way
+    r = run_papm("simulate", "--set", "run-dir=", "--force", cwd=work)
+    assert r.returncode == 2 and (work / "thesis.tex").exists()
+    # without --force it is refused too, and told that --force would not apply
+    r = run_papm("simulate", "--run-dir", work, cwd=tmp_path)
+    assert r.returncode == 2 and "no .papm-run marker" in r.stderr and "--force" not in r.stderr
+    (work / "state.json").unlink()  # a non-empty folder without a run: a run is never written into it
+    r = run_papm("simulate", "--run-dir", work, cwd=tmp_path)
+    assert r.returncode == 2 and "holds files but no PAPM run" in r.stderr
+
+
+def test_clear_removes_only_what_a_run_wrote(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    run.start(RunConfig.from_overrides([f"run-dir={run.path}"]), resume=False)
+    for name in ("base.pt", "metrics.jsonl", "devices/device-0/pruned.pt", "bundle/manifest.json", ".base.pt.1234.tmp"):
+        (run.path / name).parent.mkdir(parents=True, exist_ok=True)
+        (run.path / name).write_text("x")
+    (run.path / "my-notes.md").write_text("keep me")
+    (run.path / "plots").mkdir()
+    removed = run.clear()
+    assert {"config.json", "state.json", "base.pt", "metrics.jsonl", "devices", "bundle"} <= set(removed)
+    assert sorted(p.name for p in run.path.iterdir()) == sorted([MARKER, "my-notes.md", "plots"])
+    run.start(RunConfig.from_overrides([f"run-dir={run.path}"]), resume=False)  # a fresh run may start here again
+
+
+def test_atomic_writes_are_flushed_and_keep_the_umask(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    umask_calls = []
+    real_umask = os.umask
+    monkeypatch.setattr(files.os, "umask", lambda *a: umask_calls.append(a) or 0)
+    path = files.atomic_write_text(tmp_path / "out" / "result.json", "{}")
+    assert synced[-1] == str(tmp_path / "out")  # the folder, after the rename
+    assert any(".result.json." in s for s in synced[:-1])  # the file, before the rename
+    assert umask_calls == []  # the process umask is never set (it is process-wide and races with threads)
+    old = real_umask(0o027)
+    try:
+        assert stat.S_IMODE(files.atomic_write_text(tmp_path / "g.txt", "x").stat().st_mode) == 0o640
+        assert stat.S_IMODE(files.atomic_write_bytes(tmp_path / "k", b"k", mode=0o600).stat().st_mode) == 0o600
+    finally:
+        real_umask(old)
+    assert umask_calls == []
+    assert path.read_text() == "{}" and not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path):
+    target = files.atomic_write_text(tmp_path / "a.json", "old")
+
+    def broken(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        files.atomic_write(target, broken)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_fusion_features_are_standardised_like_standardscaler():
+    from sklearn.preprocessing import StandardScaler
+
+    torch.manual_seed(0)
+    feats = torch.rand(200, 5).double() * torch.tensor([1.0, 3.0, 0.0, 1e-9, 2.0]).double()
+    feats[:, 2] = 0.7  # a dead channel: constant
+    head = FusionHead([5], 3, hidden=0)
+    head.set_normalisation(*feature_sums(feats))
+    ref = StandardScaler().fit(feats.numpy())
+    assert np.allclose(head.mean.numpy(), ref.mean_, atol=1e-6)
+    assert np.allclose(head.std.numpy(), ref.scale_, rtol=1e-5)
+    assert head.std[2] == 1.0  # constant feature: scale 1, not 1 / (tiny std)
+
+
+def test_resume_of_a_finished_run_does_not_start_flower(tmp_path):
+    from papm.simulations.direct import run_direct
+
+    run = tmp_path / "run"
+    run_direct(RunConfig.from_overrides([f"run-dir={run}", "nodes=2", "devices=2", "base-rounds=1", "base-epochs=1",
+                                         "finetune-epochs=1", "fusion-rounds=1", "device=cpu"]))
+    code = ("import sys; sys.modules['flwr.simulation'] = None; sys.modules['ray'] = None\n"
+            "from papm.cli import main\n"
+            f"sys.exit(main(['simulate', '--run-dir', {str(run)!r}, '--resume', '--set', 'nodes=2', '--set', 'devices=2',"
+            " '--set', 'base-rounds=1', '--set', 'base-epochs=1', '--set', 'finetune-epochs=1', '--set', 'fusion-rounds=1',"
+            " '--set', 'device=cpu']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| fusion" in r.stdout  # the summary, printed from the run directory
+    assert json.loads((run / "state.json").read_text())["completed"][-1] == "bundle"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from papm.simulations.direct import run_direct
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    run_direct(RunConfig.from_overrides([f"run-dir={run}", "nodes=2", "devices=2", "base-rounds=1", "base-epochs=1",
+                                         "finetune-epochs=1", "fusion-rounds=1", "device=cpu"]))
+    return run
+
+
+def test_export_int8_adds_to_the_runs_own_bundle(finished_run, tmp_path):
+    """The README's sequence: a finished run, then `papm export RUN --int8` (no --force: it is the run's own bundle)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert all(set(p["files"]) == {"fp32"} for p in before["parts"])
+    r = run_papm("export", run, "--int8", "--calib-samples", "64")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert all(set(p["files"]) == {"fp32", "int8"} for p in after["parts"])
+    # again without --int8: the INT8 files stay (precisions are added, never dropped)
+    assert run_papm("export", run).returncode == 0
+    assert all("int8" in p["files"] for p in json.loads((run / "bundle" / "manifest.json").read_text())["parts"])
+    # a signed bundle is re-signed only with a key: without one it is refused and left as it was
+    keys = tmp_path / "keys"
+    r = run_papm("export", run, "--new-key", keys)
+    assert r.returncode == 0 and (run / "bundle" / "manifest.sig").exists(), r.stderr[-2000:]
+    sig = (run / "bundle" / "manifest.sig").read_bytes()
+    r = run_papm("export", run)
+    assert r.returncode == 2 and "is signed" in r.stderr and (run / "bundle" / "manifest.sig").read_bytes() == sig
+    assert run_papm("export", run, "--sign-key", keys / "papm-signing-key.pem").returncode == 0
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_bundle(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    for out in (run, tmp_path):  # the run directory itself, and its parent
+        r = run_papm("export", run, "--out", out, "--force")
+        assert r.returncode == 2 and "would replace the run directory" in r.stderr, r.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    r = run_papm("export", run, "--out", mine, "--force")
+    assert r.returncode == 2 and "not a PAPM edge bundle" in r.stderr and (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+
+
+def test_new_key_is_kept_only_when_the_export_succeeds(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    keys = tmp_path / "keys"
+    (run / "fusion" / "head.pt").write_bytes(b"damaged")
+    r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", keys)
+    assert r.returncode == 2 and not list(keys.glob("*.pem")) and not list(keys.glob(".*"))
+    shutil.copy(finished_run / "fusion" / "head.pt", run / "fusion" / "head.pt")
+    r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", keys)  # the retry is not stuck
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in keys.iterdir()) == ["papm-signing-key.pem", "papm-signing-key.pub.pem"]
