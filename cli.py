@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
+    """argparse type: a finite number (nan and inf pass every range check after them, so they stop here)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -43,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the base ResNet-18 and save a self-describing checkpoint")
     _add_data_args(t, required=True)
-    t.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = 11.17M parameters at 10 classes)")
+    t.add_argument("--width", type=_number, default=1.0, help="width multiplier (1.0 = 11.17M parameters at 10 classes)")
     t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for model selection")
+    t.add_argument("--lr", type=_number, default=0.05)
+    t.add_argument("--weight-decay", type=_number, default=5e-4)
+    t.add_argument("--label-smoothing", type=_number, default=0.0)
+    t.add_argument("--val-fraction", type=_number, default=0.1, help="share of train held out for model selection")
     t.add_argument("--image-size", type=int, default=0,
                    help="images are resized (short side) and centre-cropped to this square size, 8-512 "
                         "(default: the dataset's own; 32 for imagefolder)")
@@ -61,19 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="base checkpoint from `papm train`")
     _add_data_args(p, required=False)
     p.add_argument("--classes", required=True, help="the group's classes, ids or names: 3,5,8")
-    p.add_argument("--budget", type=_fraction, required=True, help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%%")
+    p.add_argument("--budget", type=_number, required=True, help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%%")
     p.add_argument("--criterion", default="papm", help="papm (default), l1, apoz or random")
-    p.add_argument("--alpha", type=float, default=0.5, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ)")
+    p.add_argument("--alpha", type=_number, default=0.5, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ)")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
     p.add_argument("--apoz-samples", type=int, default=2048, help="group-class training samples used for APoZ")
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--finetune-lr", type=_number, default=0.02)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--emphasis", type=float, default=4.0, help="weight of the group's classes vs the others (1 = none)")
+    p.add_argument("--emphasis", type=_number, default=4.0, help="weight of the group's classes vs the others (1 = none)")
     p.add_argument("--emphasis-mode", default="loss", help="loss (class-weighted loss) or sampling (weighted sampling)")
     p.add_argument("--kd", action="store_true", help="distil from the base model while fine-tuning")
-    p.add_argument("--kd-weight", type=float, default=0.5)
-    p.add_argument("--kd-temperature", type=float, default=4.0)
+    p.add_argument("--kd-weight", type=_number, default=0.5)
+    p.add_argument("--kd-temperature", type=_number, default=4.0)
     p.add_argument("--out", default="pruned.pt", help="pruned checkpoint; the report goes beside it as <name>.json")
     _add_common(p)
 
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # torch-free modules (export_cli imports torch only inside run_export)
     from .deploy.deploy_cli import add_deploy_parser
+    from .deploy.doctor import add_doctor_parser
     from .deploy.edge_cli import add_bench_parser, add_infer_parser
     from .deploy.export_cli import add_export_parser
 
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_parser(sub)
     add_bench_parser(sub)
     add_deploy_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 
@@ -129,6 +136,10 @@ def cmd_train(args) -> int:
 
     out = Path(args.out)
     refuse_existing(out, force=args.force)
+    if not 0 < args.width <= 16:
+        from .shared.errors import PapmError
+
+        raise PapmError(f"--width must be in (0, 16], got {args.width:g}; 1.0 is the standard ResNet-18, 0.25 a small one")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                              label_smoothing=args.label_smoothing, seed=args.seed).validate()
     device = resolve_device(args.device)
@@ -288,7 +299,13 @@ def cmd_deploy(args) -> int:
     return run_deploy(args)
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
+def cmd_doctor(args) -> int:
+    from .deploy.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+COMMANDS = {"doctor": cmd_doctor, "train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
             "export": cmd_export, "infer": cmd_infer, "bench": cmd_bench,
             "deploy": cmd_deploy}
 

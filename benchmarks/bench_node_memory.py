@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_procs import descendants, process_table
+from bench_procs import tree
 from bench_record import record
 
 
@@ -38,12 +38,9 @@ def main(argv=None) -> int:
 
         def sample() -> None:
             while proc.poll() is None:
-                table = process_table()
-                for pid in descendants(table, proc.pid):
-                    if pid in table:
-                        _, rss, name = table[pid]
-                        key = f"{pid} {name[:80]}"
-                        peak[key] = max(peak.get(key, 0.0), rss / 2**20)
+                for pid, (rss, name) in tree(proc.pid).items():
+                    key = f"{pid} {name[:80]}"
+                    peak[key] = max(peak.get(key, 0.0), rss / 2**20)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)

@@ -1,43 +1,33 @@
-"""Processes of a benchmarked command, read from Linux's /proc (no extra dependency)."""
+"""Processes of a benchmarked command: its process tree (the same walk `papm simulate` uses to stop
+Ray on Ctrl-C) and each process's resident memory, from Linux's /proc."""
 
 from __future__ import annotations
 
 import os
 
-
-def process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, resident bytes, command line) from /proc."""
-    table = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/statm") as f:
-                rss = int(f.read().split()[1]) * page
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, rss, cmd)
-    return table
+from papm.simulations.simulate import descendants
 
 
-def descendants(table, root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, stack = set(), [root]
-    while stack:
-        pid = stack.pop()
-        out.add(pid)
-        stack.extend(children.get(pid, []))
+def resident(pid: int) -> tuple[int, str] | None:
+    """(resident bytes, command line) of one process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return rss, f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def tree(root_pid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (resident bytes, command line) of a process and all its descendants."""
+    out = {}
+    for pid in [root_pid, *descendants(root_pid)]:
+        if (r := resident(pid)) is not None:
+            out[pid] = r
     return out
 
 
 def tree_rss_mib(root_pid: int) -> float:
     """Resident memory of a process and all its descendants."""
-    table = process_table()
-    return sum(table[pid][1] for pid in descendants(table, root_pid) if pid in table) / 2**20
+    return sum(rss for rss, _ in tree(root_pid).values()) / 2**20

@@ -1,4 +1,4 @@
-"""Split INT8 latency against the unsplit fp32 base model, at batch 1, on this CPU.
+"""Split INT8 latency against the unsplit base model, fp32 and INT8, at batch 1, on this CPU.
 
     python benchmarks/bench_split_latency.py                       # width 1.0, 3x32x32, K=3, budget 0.77
     python benchmarks/bench_split_latency.py --checkpoint base.pt  # a trained base instead of random weights
@@ -7,17 +7,20 @@ Latency does not depend on what the weights learned, so by default the base is a
 freshly initialised ResNet-18 (width 1.0 = 11.17M parameters); K copies are pruned
 to the budget with L1 scores (PAPM needs data; its channel counts differ, the cut
 is the same size), exported to ONNX and quantised to INT8 (static QDQ, per-channel,
-calibrated on random normal inputs here). The goal of the export issue: split INT8
-latency (slowest part + head) <= 0.2x the unsplit fp32 base model. Accuracy is
-measured on real runs by ``papm export`` and ``papm bench``, not here.
-Writes benchmarks/bench_split_latency.json and appends to benchmarks/bench_split_latency.md.
+calibrated on random normal inputs here) with unsigned (u8) and signed (s8) activations.
+The unsplit base is quantised the same way: the fair comparison, since a user could
+quantise the base too. Median and p95 at 1 thread and all threads, with the CPU's ISA and
+the onnxruntime version. Goal: split INT8 (slowest part + head) <= 0.10x the unsplit fp32
+base and <= 0.45x the unsplit INT8 base at width 1.0, 3x32x32, K=3, budget 0.77, 1 thread.
+Accuracy is measured on real runs by ``papm export`` and ``papm bench``, not here.
+Writes benchmarks/bench_latency.json and adds a row to benchmarks/bench_latency.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import platform
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +83,9 @@ def main(argv=None) -> int:
     x = torch.randn((64, *shape), generator=gen)
     work = Path(tempfile.mkdtemp(prefix="bench-split-"))
     export_base(base, work / "base.onnx", x)
+    xs = x.numpy()
+    quantize_int8(work / "base.onnx", work / "base.int8-u8.onnx", xs, "u8")
+    quantize_int8(work / "base.onnx", work / "base.int8-s8.onnx", xs, "s8")
     parts = []
     for k in range(args.devices):
         model = copy.deepcopy(base)
@@ -88,39 +94,53 @@ def main(argv=None) -> int:
             p.data.mul_(1 + 0.1 * torch.randn_like(p))
         prune_to_budget(model, margs, x[:1], make_importance("l1", model), args.budget, round_to=args.round_to)
         export_part(model, work / f"part{k}.onnx", x)
-        quantize_int8(work / f"part{k}.onnx", work / f"part{k}.int8.onnx", x.numpy())
+        for act in ("u8", "s8"):
+            quantize_int8(work / f"part{k}.onnx", work / f"part{k}.int8-{act}.onnx", xs, act)
         parts.append(model)
     with torch.no_grad():
         feats = torch.cat([m.features(x) for m in parts], dim=1)
     head = FusionHead([m.fc.in_features for m in parts], args.classes)
     export_head(head, work / "head.onnx", feats)
-    xs = x.numpy()
-    base_ms = batch1_ms(work / "base.onnx", xs, args.runs, args.threads)
-    part_fp32 = [batch1_ms(work / f"part{k}.onnx", xs, args.runs, args.threads) for k in range(args.devices)]
-    part_int8 = [batch1_ms(work / f"part{k}.int8.onnx", xs, args.runs, args.threads) for k in range(args.devices)]
-    head_ms = batch1_ms(work / "head.onnx", feats.numpy(), args.runs, args.threads)
-    split_fp32 = max(m for m, _ in part_fp32) + head_ms[0]
-    split_int8 = max(m for m, _ in part_int8) + head_ms[0]
+    import onnxruntime
+
+    from papm.export.quantize import int8_settings
+    from papm.shared.cpu import cpu_features
+
+    all_threads = os.cpu_count() or 1
     row = {
-        "width": float(margs["width"]), "input": "x".join(map(str, shape)), "devices": args.devices, "budget": args.budget, "round_to": args.round_to,
-        "base_params": count_params(base), "part_params": [count_params(m) for m in parts], "threads": args.threads,
-        "runs": args.runs, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "base_fp32_ms": round(base_ms[0], 3), "base_fp32_p95_ms": round(base_ms[1], 3),
-        "parts_fp32_ms": [round(m, 3) for m, _ in part_fp32], "parts_int8_ms": [round(m, 3) for m, _ in part_int8],
-        "head_ms": round(head_ms[0], 3), "split_fp32_ms": round(split_fp32, 3), "split_int8_ms": round(split_int8, 3),
-        "ratio_int8_split_vs_base": round(split_int8 / base_ms[0], 3), "ratio_fp32_split_vs_base": round(split_fp32 / base_ms[0], 3),
-        "weights": "trained checkpoint" if args.checkpoint else "random init",
+        "date": time.strftime("%Y-%m-%d"), "width": float(margs["width"]), "input": "x".join(map(str, shape)),
+        "devices": args.devices, "budget": args.budget, "round_to": args.round_to, "base_params": count_params(base),
+        "part_params": [count_params(m) for m in parts], "runs": args.runs, "isa": cpu_features()["isa"],
+        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "reduce_range": int8_settings("u8")["reduce_range"], "weights": "trained checkpoint" if args.checkpoint else "random init",
     }
-    print(f"unsplit base fp32 ({row['base_params']:,} params): {base_ms[0]:.3f} ms median, {base_ms[1]:.3f} ms p95 (batch 1, {args.threads} thread)")
-    for k in range(args.devices):
-        print(f"part {k} ({row['part_params'][k]:,} params): fp32 {part_fp32[k][0]:.3f} ms, int8 {part_int8[k][0]:.3f} ms")
-    print(f"head: {head_ms[0]:.3f} ms")
-    print(f"split fp32 (slowest part + head): {split_fp32:.3f} ms = {row['ratio_fp32_split_vs_base']:.3f}x base")
-    print(f"split int8 (slowest part + head): {split_int8:.3f} ms = {row['ratio_int8_split_vs_base']:.3f}x base (goal <= 0.2x)")
-    js, md = record(args.out, "bench_split_latency", row, {
-        "width": "width", "input": "input", "K": "devices", "budget": "budget", "round-to": "round_to", "threads": "threads",
-        "base fp32 ms": "base_fp32_ms", "split fp32 ms": "split_fp32_ms", "split int8 ms": "split_int8_ms",
-        "int8 split / base": "ratio_int8_split_vs_base", "weights": "weights"})
+    print(f"{row['isa']}; onnxruntime {row['onnxruntime']}; batch 1, median of {args.runs} runs (p95 in the JSON)")
+    for threads in sorted({1, all_threads}):
+        t = f"{threads}t"
+        ms = {name: batch1_ms(work / f"{name}.onnx", xs, args.runs, threads) for name in ("base", "base.int8-u8", "base.int8-s8")}
+        for k in range(args.devices):
+            for suffix in ("", ".int8-u8", ".int8-s8"):
+                ms[f"part{k}{suffix}"] = batch1_ms(work / f"part{k}{suffix}.onnx", xs, args.runs, threads)
+        head_ms = batch1_ms(work / "head.onnx", feats.numpy(), args.runs, threads)
+        for key, (med, p95) in ms.items():
+            row[f"{key}_{t}_ms"], row[f"{key}_{t}_p95_ms"] = round(med, 3), round(p95, 3)
+        row[f"head_{t}_ms"] = round(head_ms[0], 3)
+        for suffix, label in (("", "fp32"), (".int8-u8", "int8_u8"), (".int8-s8", "int8_s8")):
+            split = max(ms[f"part{k}{suffix}"][0] for k in range(args.devices)) + head_ms[0]
+            row[f"split_{label}_{t}_ms"] = round(split, 3)
+            row[f"split_{label}_vs_base_fp32_{t}"] = round(split / ms["base"][0], 3)
+            row[f"split_{label}_vs_base_int8_{t}"] = round(split / ms["base.int8-u8"][0], 3)
+        print(f"{threads} thread(s): base fp32 {ms['base'][0]:.3f} ms, base INT8 u8 {ms['base.int8-u8'][0]:.3f} ms, "
+              f"s8 {ms['base.int8-s8'][0]:.3f} ms; head {head_ms[0]:.3f} ms")
+        for label in ("fp32", "int8_u8", "int8_s8"):
+            print(f"  split {label:<8} (slowest part + head): {row[f'split_{label}_{t}_ms']:.3f} ms = "
+                  f"{row[f'split_{label}_vs_base_fp32_{t}']:.3f}x base fp32, {row[f'split_{label}_vs_base_int8_{t}']:.3f}x base INT8")
+    row["goal"] = "split INT8 <= 0.10x base fp32 and <= 0.45x base INT8 (1 thread, width 1.0, K=3, budget 0.77)"
+    js, md = record(args.out, "bench_latency", row, {
+        "date": "date", "width": "width", "K": "devices", "budget": "budget", "round-to": "round_to", "ISA": "isa",
+        "base fp32 ms (1t)": "base_1t_ms", "base INT8 ms (1t)": "base.int8-u8_1t_ms", "split INT8 u8 ms (1t)": "split_int8_u8_1t_ms",
+        "vs base fp32": "split_int8_u8_vs_base_fp32_1t", "vs base INT8": "split_int8_u8_vs_base_int8_1t",
+        "split INT8 s8 ms (1t)": "split_int8_s8_1t_ms"})
     print(f"wrote {js} and {md}")
     return 0
 

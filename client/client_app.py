@@ -209,7 +209,8 @@ def export(msg: Message, context: Context) -> Message:
         for item in items:
             try:
                 calib, source = calibration(item.get("classes", []))
-                paths, report = export_for_device(node.model(item["key"]), item["graph"], Path(tmp), item["name"], parity_x, calib)
+                paths, report = export_for_device(node.model(item["key"]), item["graph"], Path(tmp), item["name"], parity_x, calib,
+                                                  node.cfg.int8_activations)
                 for precision, path in paths.items():
                     files[f"{item['name']}.{precision}"] = path.read_bytes()
                 reports[item["name"]] = {**report, "partition_id": node.partition_id,

@@ -19,7 +19,7 @@ from torch import nn
 from ..export import onnx_export
 from ..export.onnx_export import (OPSET, PARITY_TOL, check_parity, export_base, export_head, export_part, feature_graph,
                                   parity, parity_inputs)
-from ..export.quantize import quantize_int8
+from ..export.quantize import int8_settings, quantize_int8
 from ..shared.checkpoint import load_checkpoint, load_head
 from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
@@ -61,6 +61,7 @@ def export_run(
     log: Callable[[str], None] = print,
     test_split=None,
     from_run: bool = False,
+    int8_activations: str = "u8",
 ) -> dict:
     """Export a run directory (base.pt, devices/device-k/pruned.pt, fusion/head.pt) into an edge bundle.
 
@@ -191,16 +192,20 @@ def export_run(
             for i, part in enumerate(parts):
                 rel = f"parts/device-{part['device']}.int8.onnx"
                 if from_devices(f"devices/device-{part['device']}/extractor.int8.onnx", stage / rel):
-                    made = device_reports.get(f"device-{part['device']}", {}).get("calibration", {})
+                    report = device_reports.get(f"device-{part['device']}", {})
+                    made = report.get("calibration", {})
                     part["int8_calibration"] = made or {"source": "the run's export phase"}
+                    part["int8_settings"] = report.get("int8", {"activations": "s8", "weights": "s8"})  # runs before the option: S8S8
                     log(f"{rel}: the device's INT8 file (calibrated on {made.get('source', 'its own training images')})")
                 else:  # never on test data: training images of the device's classes
-                    quantize_int8(stage / part["files"]["fp32"], stage / rel, calibration(part["classes"], seed=i))
+                    quantize_int8(stage / part["files"]["fp32"], stage / rel, calibration(part["classes"], seed=i), int8_activations)
                     part["int8_calibration"] = {"samples": calib_samples, "source": "training images of its classes (papm export)"}
-                    log(f"quantised {rel} (INT8 QDQ, per-channel; calibrated on training images of its classes)")
+                    part["int8_settings"] = int8_settings(int8_activations)
+                    log(f"quantised {rel} (INT8 QDQ, {int8_activations} activations, per-channel weights; "
+                        "calibrated on training images of its classes)")
                 part["files"]["int8"] = rel
             if not from_devices("base.int8.onnx", stage / "base.int8.onnx"):
-                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration([], seed=len(parts)))
+                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration([], seed=len(parts)), int8_activations)
             base_files["int8"] = "base.int8.onnx"
 
         atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "files": reports,

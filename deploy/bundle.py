@@ -203,6 +203,45 @@ def _warn_once(message: str) -> None:
         _warned = True
 
 
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """The first field whose type is not what the runtime reads, or None (a hand-edited manifest is one line, not a traceback)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num_list(v):
+        return isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    def files_ok(node, where):
+        files = node.get("files") if isinstance(node, dict) else None
+        if not isinstance(files, dict) or "fp32" not in files or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                                          for e in files.values()):
+            return f"{where}.files must map precisions to file entries"
+        return None
+
+    if not isinstance(m["class_names"], list) or not m["class_names"] or not all(isinstance(c, str) for c in m["class_names"]):
+        return "class_names must be a list of names"
+    inp = m["input"]
+    if not isinstance(inp, dict) or not is_int(inp.get("channels")) or not is_int(inp.get("image_size")):
+        return "input.channels and input.image_size must be integers"
+    if not (is_num_list(inp.get("mean")) and is_num_list(inp.get("std")) and len(inp["mean"]) == len(inp["std"]) == inp["channels"]):
+        return "input.mean and input.std must be one number per channel"
+    if not isinstance(m["parts"], list) or not m["parts"]:
+        return "parts must be a non-empty list"
+    for i, part in enumerate(m["parts"]):
+        if not isinstance(part, dict) or not is_int(part.get("feature_size")) or not isinstance(part.get("input_name"), str):
+            return f"parts[{i}] needs an integer feature_size and an input_name"
+        if files_ok(part, f"parts[{i}]"):
+            return files_ok(part, f"parts[{i}]")
+    head = m["head"]
+    if not isinstance(head, dict) or not is_int(head.get("feature_size")) or not isinstance(head.get("input_name"), str):
+        return "head needs an integer feature_size and an input_name"
+    if files_ok(head, "head"):
+        return files_ok(head, "head")
+    if "base" in m and files_ok(m["base"], "base"):
+        return files_ok(m["base"], "base")
+    return None
+
+
 def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None) -> Bundle:
     """Open a bundle after checking it (see the module docstring); no ONNX session is created here."""
     bundle_dir = Path(bundle_dir)
@@ -226,6 +265,9 @@ def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None) ->
     for key in ("class_names", "parts", "head", "input"):
         if key not in manifest:
             raise PapmError(f"{mpath} lacks {key!r}; the bundle is damaged, re-export it")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise PapmError(f"{mpath}: {problem}; the manifest is damaged or hand-made, re-export the bundle")
     root = bundle_dir.resolve()
     for entry in iter_files(manifest):
         if not isinstance(entry.get("sha256"), str):

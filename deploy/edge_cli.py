@@ -268,10 +268,14 @@ def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, tes
                      "latn_ms": medn * 1e3, "latn_p95_ms": p95n * 1e3,
                      "throughput": _throughput(_Call(rt.logits), "image", image_b, runs, warmup), "accuracy": split_acc})
     base_params = (m.get("base") or {}).get("params")
+    # the fair latency comparison: against the unsplit base at fp32 and at INT8 (a user could quantise it too)
+    base_lat = {r["precision"]: r["lat1_ms"] for r in rows if r["model"] == "base (unsplit)"}
     for r in rows:
         r.setdefault("nonzero_params", r["params"])
         r["sparsity"] = 1.0 - r["nonzero_params"] / r["params"] if r["params"] else 0.0
         r["vs_base"] = r["params"] / base_params if base_params else None
+        r["lat_vs_base_fp32"] = r["lat1_ms"] / base_lat["fp32"] if base_lat.get("fp32") else None
+        r["lat_vs_base_int8"] = r["lat1_ms"] / base_lat["int8"] if base_lat.get("int8") else None
     return rows
 
 
@@ -279,6 +283,7 @@ COLUMNS = [("model", "model"), ("precision", "precision"), ("params", "params"),
            ("sparsity", "sparsity"), ("vs_base", "params vs base"), ("size_kb", "size KiB"),
            ("lat1_ms", "b1 1-thread median ms"), ("lat1_p95_ms", "b1 1-thread p95 ms"),
            ("latn_ms", "b1 all-threads median ms"), ("latn_p95_ms", "b1 all-threads p95 ms"),
+           ("lat_vs_base_fp32", "1-thread latency vs base fp32"), ("lat_vs_base_int8", "1-thread latency vs base INT8"),
            ("throughput", "img/s at batch"), ("accuracy", "accuracy")]
 
 
@@ -291,6 +296,8 @@ def _cell(key: str, v) -> str:
         return f"{v:.1f}"
     if key == "throughput":
         return f"{v:.0f}"
+    if key in ("lat_vs_base_fp32", "lat_vs_base_int8"):
+        return f"{v:.3f}x"
     if key in ("accuracy", "sparsity", "vs_base"):
         return f"{v:.4f}"
     if key in ("params", "nonzero_params"):
@@ -323,7 +330,12 @@ def run_bench(args: argparse.Namespace) -> int:
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k, _ in COLUMNS})
     table = markdown_table(rows, args.batch)
-    note = (f"Batch-1 latency over {args.runs} runs after {args.warmup} warm-up runs, 1 thread and {threads_all} threads; "
+    import onnxruntime
+
+    from ..shared.cpu import cpu_features
+
+    note = (f"CPU {cpu_features()['isa']}; onnxruntime {onnxruntime.__version__}. "
+            f"Batch-1 latency over {args.runs} runs after {args.warmup} warm-up runs, 1 thread and {threads_all} threads; "
             f"throughput at batch {args.batch} with {threads_all} threads. 'slowest part + head' is derived from the stage "
             "timings (devices run in parallel); 'all parts in turn + head' is measured end to end on this CPU. "
             "The head always runs fp32. Non-zero params count the weights as exported (structured pruning removes "

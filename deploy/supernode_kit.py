@@ -33,9 +33,26 @@ from ..shared.errors import PapmError
 from ..shared.files import atomic_write_bytes, atomic_write_text
 
 ALWAYS_HOSTS = ("127.0.0.1", "localhost")  # loopback always works, also for tests
+# Flower's SuperExec polls for new app processes to start every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds
+# (1 s by default, 0.01-60 allowed); every message of a run waits for one poll, so the commands shorten it
+POLL_ENV, POLL_SECONDS = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 0.1
 FIRST_NODE_PORT = 9094  # flower-supernode's default; node i gets 9094 + i (ports clash on one machine)
 INSECURE_WARNING = ("WARNING: --insecure kit: no TLS and no SuperNode authentication. Anyone who can reach the "
                     "SuperLink can read the traffic and join as a node. Use it only for local experiments.")
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name or an IP address (IPv4 or IPv6), ASCII only."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.split(".")
+    return (0 < len(host) <= 253 and all(0 < len(label) <= 63 and label.isascii() and label[0] != "-" and label[-1] != "-"
+                                         and all(c.isalnum() or c == "-" for c in label) for label in labels))
 
 
 @dataclass
@@ -62,6 +79,20 @@ class KitSpec:
         host, _, port = self.superlink.rpartition(":")
         if not host or not port.isdigit():
             raise PapmError(f"--superlink must be HOST:PORT, got {self.superlink!r}")
+        if not 1 <= int(port) <= 65535:
+            raise PapmError(f"--superlink port must be 1-65535, got {port}")
+        for h in [host.strip("[]"), *self.hosts]:
+            if not _valid_host(h.strip()):
+                raise PapmError(f"{h.strip()!r} is not a host name or IP address (letters, digits, '-' and '.' in ASCII); "
+                                "fix --superlink / --hosts")
+        if self.days > 36500:
+            raise PapmError(f"--days must be at most 36500, got {self.days}")
+        if self.directory.exists() and not self.directory.is_dir():
+            raise PapmError(f"kit folder {self.directory} is a file; give a folder for the kit")
+        bad = [c for c in ('"', "'", "\n", "\r", "\\", "`", "$") if c in self.data_root_template]
+        if bad:  # it is written into command lines and TOML: a quote would inject keys or commands
+            raise PapmError(f"--data-root-template must not contain {' or '.join(repr(c) for c in bad)}; give a plain path "
+                            "such as /data/node{id}")
         if not self.connection.replace("-", "").replace("_", "").isalnum():
             raise PapmError(f"--connection must be letters, digits, - or _, got {self.connection!r}")
         if self.data_root_template and "{id}" not in self.data_root_template and self.nodes > 1:
@@ -261,7 +292,9 @@ def build_commands(spec: KitSpec, d: Path, project_root: Path | None) -> list[tu
     else:
         link += ["--ssl-ca-certfile", str(d / "tls/ca.crt"), "--ssl-certfile", str(d / "tls/server.crt"),
                  "--ssl-keyfile", str(d / "tls/server.key"), "--enable-supernode-auth"]
-    cmds = [("Start the SuperLink (on the coordinator; keep it running)", " ".join(map(q, link)))]
+    # each message starts a ClientApp/ServerApp process that the SuperExec looks for every second by default
+    poll = f"{POLL_ENV}={POLL_SECONDS} "
+    cmds = [("Start the SuperLink (on the coordinator; keep it running)", poll + " ".join(map(q, link)))]
     if not spec.insecure:
         for i in range(spec.nodes):
             cmds.append((f"Register node {i}'s public key (once, while the SuperLink runs)",
@@ -274,7 +307,7 @@ def build_commands(spec: KitSpec, d: Path, project_root: Path | None) -> list[tu
             node += ["--root-certificates", str(d / "tls/ca.crt"), "--auth-supernode-private-key", str(d / f"keys/node{i}")]
         node += ["--node-config", _node_config_arg(node_config(spec, i))]
         needs = "" if spec.insecure else f"; needs tls/ca.crt and keys/node{i}"
-        cmds.append((f"Start SuperNode {i} (on device {i}{needs})", " ".join(map(q, node))))
+        cmds.append((f"Start SuperNode {i} (on device {i}{needs})", poll + " ".join(map(q, node))))
     run_cfg = (f'run-dir="{d / "runs/deploy"}" nodes={spec.nodes}' + (f" devices={spec.nodes}" if spec.nodes < 3 else "")
                + f' sign-key="{d / "signing/papm-signing-key.pem"}"')
     cd = f"cd {q(str(project_root))} && " if project_root else "cd /path/to/papm-fl && "  # the folder with pyproject.toml

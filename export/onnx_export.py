@@ -164,7 +164,7 @@ def int8_check(fp32_path: Path | str, int8_path: Path | str, inputs: torch.Tenso
 
 
 def export_for_device(model: nn.Module, graph: str, out_dir: Path | str, name: str, parity_x: torch.Tensor,
-                      calibration: np.ndarray | None = None) -> tuple[dict[str, Path], dict]:
+                      calibration: np.ndarray | None = None, int8_activations: str = "u8") -> tuple[dict[str, Path], dict]:
     """What a node does in the export phase: ``model`` to ``<name>.onnx`` (``graph`` "features"
     for a device part, "logits" for the unsplit base model), checked against PyTorch on
     ``parity_x`` (the node's own normalised images), and, when ``calibration`` is given,
@@ -177,9 +177,10 @@ def export_for_device(model: nn.Module, graph: str, out_dir: Path | str, name: s
     report = (export_part if graph == "features" else export_base)(model, fp32, parity_x)
     files = {"fp32": fp32}
     if calibration is not None:
-        from .quantize import quantize_int8
+        from .quantize import int8_settings, quantize_int8
 
-        files["int8"] = quantize_int8(fp32, out_dir / f"{name}.int8.onnx", calibration)
+        files["int8"] = quantize_int8(fp32, out_dir / f"{name}.int8.onnx", calibration, int8_activations)
+        report = {**report, "int8": int8_settings(int8_activations)}
     return files, report
 
 

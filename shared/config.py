@@ -56,7 +56,7 @@ class RunConfig:
     round_to: int = 1
     apoz_samples: int = 2048
     finetune_nodes: str = "all"  # all: every node fine-tunes every group's model (FedAvg over all data); group: its group's nodes
-    finetune_rounds: int = 3
+    finetune_rounds: int = 5
     finetune_epochs: int = 5  # passes over all nodes' data together, in sequential steps, split over the rounds
     finetune_lr: float = 0.02
     emphasis: float = 4.0
@@ -65,6 +65,7 @@ class RunConfig:
     bn_recalibrate: bool = True  # re-estimate each fine-tuned model's BatchNorm statistics from all its nodes' data
     # phase 4: export (on the nodes: each group's extractor to ONNX, INT8 calibrated on local images)
     int8: bool = False
+    int8_activations: str = "u8"  # u8 (unsigned activations: fastest with ONNX Runtime on x86) or s8
     calib_samples: int = 256  # local training images per INT8 calibration
     sign_key: str = ""  # Ed25519 private key (PEM, on the server) that signs the run's bundle manifest
     # phase 5: fusion head
@@ -100,7 +101,12 @@ class RunConfig:
         path = Path(path)
         if not path.is_file():
             raise PapmError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PapmError(f"config file {path} is not UTF-8 text; save it as UTF-8 TOML or YAML") from None
+        except OSError as e:
+            raise PapmError(f"cannot read config file {path} ({e.strerror}); check the path and its permissions") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -149,6 +155,7 @@ class RunConfig:
         need(self.min_partition_size >= 1, f"min-partition-size must be >= 1, got {self.min_partition_size}")
         need(self.bn in ("recalibrate", "average", "local"), f"bn must be recalibrate, average or local, got {self.bn!r}")
         need(self.bn_samples >= 2, f"bn-samples must be >= 2, got {self.bn_samples}")
+        need(self.int8_activations in ("u8", "s8"), f"int8-activations must be u8 or s8, got {self.int8_activations!r}")
         need(self.finetune_nodes in ("all", "group"), f"finetune-nodes must be all or group, got {self.finetune_nodes!r}")
         need(self.partitioner in ("iid", "dirichlet", "by-group"), f"partitioner must be iid, dirichlet or by-group, got {self.partitioner!r}")
         need(self.nodes >= 1, f"nodes must be >= 1, got {self.nodes}")
@@ -161,7 +168,7 @@ class RunConfig:
              f"similarity must be correlation, cosine, covariance or confusion, got {self.similarity!r}")
         need(self.outputs in ("softmax", "logits"), f"outputs must be softmax or logits, got {self.outputs!r}")
         need(self.emphasis_mode in ("loss", "sampling"), f"emphasis-mode must be loss or sampling, got {self.emphasis_mode!r}")
-        need(self.width > 0, f"width must be > 0, got {self.width}")
+        need(0 < self.width <= 16, f"width must be in (0, 16] (1.0: the standard ResNet-18), got {self.width}")
         for name in ("base_rounds", "finetune_rounds", "fusion_rounds", "fusion_epochs", "calib_samples", "apoz_samples"):
             need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         need(self.fusion_hidden >= 0, f"fusion-hidden must be >= 0 (0 = a linear head), got {self.fusion_hidden}")

@@ -145,7 +145,11 @@ NATIVE_SHAPE = {"digits": (1, 8), "cifar10": (3, 32), "imagefolder": (3, 32)}  #
 
 
 def _load_digits():
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise PapmError("the built-in digits data set comes with scikit-learn, which this install lacks; "
+                        "pip install \"papm-fl[coordinator]\", or give the node its own data-root") from None
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]

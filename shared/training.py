@@ -41,8 +41,12 @@ class TrainSettings:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
                 raise PapmError(f"{name} must be {'>= 0' if name == 'epochs' else '>= 1'}, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise PapmError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PapmError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.weight_decay < 1.0:
+            raise PapmError(f"weight decay must be in [0, 1), got {self.weight_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise PapmError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.steps < 0 or self.schedule_start < 0 or self.schedule_total < 0:
             raise PapmError("steps and the schedule window must be >= 0")
         return self

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +28,45 @@ def backend_config(cfg: RunConfig) -> tuple[dict, int]:
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "include_dashboard": False, "log_to_driver": False},
     }
     return backend, max(1, min(cpus, share) if gpu else cpus)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
+
+
+def stop_on_interrupt(run_dir: Path) -> None:
+    """Ctrl-C (or SIGTERM) ends a simulation at once: Flower's engine would wait for its threads and
+    its Ray workers. Every finished output is already on the disk (written atomically, the rounds of
+    the running phase included), so the processes below this one are killed and the process exits;
+    `--resume` continues at the round it was in."""
+    def handler(signum, _frame):
+        print(f"\ninterrupted; finished outputs are kept in {run_dir}; continue with "
+              f"`papm simulate --run-dir {run_dir} --resume`", file=sys.stderr, flush=True)
+        for pid in descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(130)
+
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _RunSimulationNotice(logging.Filter):
@@ -79,6 +121,7 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     from ..server.server_app import build_server_app
 
     t0 = time.perf_counter()
+    stop_on_interrupt(run.path)
     quiet = _RunSimulationNotice()
     flower_logger = logging.getLogger("flwr")
     flower_logger.addFilter(quiet)  # papm simulate is the user's command; Flower's note about its own API is not theirs

@@ -52,7 +52,8 @@ class Federation:
         self.port = free_port()
         self.node_ports = [free_port() for _ in range(nodes)]
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}  # as the kit's commands set it
         self.env.pop("PAPM_INJECT_FAULT", None)
         self.procs: dict[str, subprocess.Popen] = {}
         self.register = register
@@ -211,6 +212,7 @@ def test_deploy_init_kit(tmp_path):
     commands = (k / "COMMANDS.md").read_text()
     for expected in ("--enable-supernode-auth", f"flwr supernode register {k}/keys/node1.pub papm",
                      "--port 9095", 'data-root="/data/node1"', f"cd {ROOT} && ", "flwr run . papm",
+                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-superlink",
                      f'sign-key="{k}/signing/papm-signing-key.pem"', f"--verify-key {k}/signing/papm-signing-key.pub.pem"):
         assert expected in commands and expected in r.stdout, expected
     # an existing kit is never overwritten without --force; with --force it is
@@ -247,6 +249,7 @@ def test_unregistered_node_key_is_refused(federation):
     assert fed.online() == set()
 
 
+@pytest.mark.slow
 def test_deployment_with_tls_and_node_auth_whole_run(federation, tmp_path):
     """A whole run on a real federation: kit, TLS, registered keys, 3 SuperNodes that each hold their
     own ImageFolder tree (train/ only, photos of different sizes read at 48x48 RGB), `flwr run` from
@@ -362,6 +365,7 @@ def _stop_local_superlink(home: Path) -> None:
                 pass
 
 
+@pytest.mark.slow
 def test_flwr_run_local_simulation_runs_the_same_app(tmp_path):
     home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

@@ -108,12 +108,30 @@ def test_part_then_fuse_equals_whole_split(exported, pngs, tmp_path):
         assert [t["prob"] for t in w["top_k"]] == pytest.approx([t["prob"] for t in f["top_k"]], abs=1e-6)
 
 
-def test_int8_inference_runs(exported, pngs):
+def test_int8_inference_agrees_with_fp32(exported, pngs):
+    """INT8 parts give (nearly) the fp32 predictions, with valid probabilities over all classes."""
     _, bundle, _, _ = exported
-    folder, _ = pngs
-    r = edge("infer", bundle, folder, "--precision", "int8", "--json", "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == N_IMAGES
+    folder, paths = pngs
+    probs = {}
+    for precision in ("fp32", "int8"):
+        r = edge("infer", bundle, folder, "--precision", precision, "--json", "--top-k", "10", "--threads", "1")
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(l) for l in r.stdout.splitlines()]
+        assert [row["image"] for row in rows] == [str(p) for p in paths]
+        p = np.zeros((len(rows), 10))
+        for i, row in enumerate(rows):
+            assert sorted(t["index"] for t in row["top_k"]) == list(range(10))  # every class, once
+            for t in row["top_k"]:
+                p[i, t["index"]] = t["prob"]
+        probs[precision] = p
+    for p in probs.values():
+        assert ((p >= 0) & (p <= 1)).all()
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    agree = (probs["int8"].argmax(1) == probs["fp32"].argmax(1)).mean()
+    assert agree >= 0.9, agree
+    # and the INT8 parts really ran: the probabilities are close to fp32 but not the same numbers
+    assert np.abs(probs["int8"] - probs["fp32"]).max() > 0
+    assert np.abs(probs["int8"] - probs["fp32"]).mean() < 0.05
 
 
 BLOCKED_MAIN = """
@@ -178,9 +196,23 @@ def test_bench_writes_csv_and_markdown(exported, digits, tmp_path):
             assert 0.0 < float(row["vs_base"]) < 1.0
         if row["model"].startswith(("split", "base")):
             assert 0.0 <= float(row["accuracy"]) <= 1.0
-    seq = next(r_ for r_ in rows if r_["model"].startswith("split: all") and r_["precision"] == "fp32")
-    par = next(r_ for r_ in rows if r_["model"].startswith("split: slowest") and r_["precision"] == "fp32")
-    assert float(seq["lat1_ms"]) >= float(par["lat1_ms"])
+    head = [r_ for r_ in rows if r_["model"] == "head"]
+    assert all(h == head[0] for h in head)  # the one fp32 head, listed with each precision
+    for precision in ("fp32", "int8"):
+        parts = [r_ for r_ in rows if r_["model"].startswith("part") and r_["precision"] == precision]
+        par = next(r_ for r_ in rows if r_["model"].startswith("split: slowest") and r_["precision"] == precision)
+        seq = next(r_ for r_ in rows if r_["model"].startswith("split: all") and r_["precision"] == precision)
+        # devices run in parallel: the split's latency is the slowest part's plus the head's, per column
+        for key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms"):
+            assert float(par[key]) == pytest.approx(max(float(p[key]) for p in parts) + float(head[0][key]), rel=1e-9), key
+        # and its throughput is that of its slowest stage
+        assert float(par["throughput"]) == pytest.approx(min(float(x["throughput"]) for x in parts + head[:1]), rel=1e-9)
+        # both split rows describe the same models: every part and the head
+        for split in (par, seq):
+            assert int(split["params"]) == sum(int(p["params"]) for p in parts) + int(head[0]["params"])
+            assert int(split["nonzero_params"]) == sum(int(p["nonzero_params"]) for p in parts) + int(head[0]["nonzero_params"])
+            assert float(split["size_kb"]) == pytest.approx(sum(float(p["size_kb"]) for p in parts) + float(head[0]["size_kb"]), abs=0.051)
+            assert split["accuracy"] == par["accuracy"]
     assert "| model |" in (out / "bench.md").read_text() and "split: slowest part + head" in r.stdout
     # without --test-dir the table shows the accuracy the export measured on the test split
     r = edge("bench", bundle, "--runs", 2, "--warmup", 1, "--batch", 4, "--out", tmp_path / "bench2")

@@ -4,9 +4,13 @@ import json
 import math
 import os
 
+import pytest
+
 from papm.shared.config import PHASES
 
 from conftest import run_papm
+
+pytestmark = pytest.mark.slow  # whole simulations with failure drills: `pytest -m slow`, run by CI after the default tests
 
 FAST = ["--set", "base-rounds=1", "--set", "base-epochs=2", "--set", "fusion-rounds=2", "--set", "finetune-epochs=2",
         "--set", "budget=0.5"]

@@ -89,13 +89,79 @@ def test_balanced_sizes_within_one_for_every_k_on_a_real_model(base_ckpt, digits
         assert len(groups) == k and max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("kind", SIMILARITIES)
-def test_every_similarity_is_symmetric_with_unit_diagonal(base_ckpt, digits, kind):
+def _mean_outputs(seed=0, c=5):
+    """Class-mean softmax outputs of C classes (rows sum to 1), not centred, all different."""
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(0.0, 1.0, (c, c)) + 2.0 * np.eye(c)
+    return m / m.sum(1, keepdims=True)
+
+
+def test_correlation_similarity_is_pearson_of_the_class_mean_outputs():
+    m = _mean_outputs()
+    np.testing.assert_allclose(class_similarity("correlation", m), np.corrcoef(m), rtol=0, atol=1e-12)
+    # a class whose mean output is flat (no preference) gives finite similarities, not nan
+    m[2] = 1.0 / 5
+    sim = class_similarity("correlation", m)
+    assert np.isfinite(sim).all() and np.allclose(np.delete(sim[2], 2), 0.0)
+
+
+def test_cosine_similarity_is_the_normalised_dot_product():
+    m = _mean_outputs(seed=1)
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                expected = m[i] @ m[j] / (np.linalg.norm(m[i]) * np.linalg.norm(m[j]))
+                assert class_similarity("cosine", m)[i, j] == pytest.approx(expected, abs=1e-12), (i, j)
+    # not centred: two different rows with only positive entries are never anti-similar
+    assert (class_similarity("cosine", m) > 0).all()
+    assert not np.allclose(class_similarity("cosine", m), class_similarity("correlation", m))
+
+
+def test_confusion_similarity_is_the_symmetrised_confusion_rate():
+    # rows: true class (10, 10 and 20 samples), columns: predicted class
+    conf = np.array([[8, 2, 0], [1, 6, 3], [0, 4, 16]])
+    sim = class_similarity("confusion", np.eye(3), confusion=conf)
+    # (N_ij / n_i + N_ji / n_j) / 2, by hand
+    assert sim[0, 1] == sim[1, 0] == pytest.approx((2 / 10 + 1 / 10) / 2)
+    assert sim[1, 2] == sim[2, 1] == pytest.approx((3 / 10 + 4 / 20) / 2)
+    assert sim[0, 2] == sim[2, 0] == 0.0
+    with pytest.raises(PapmError, match="needs the confusion counts"):
+        class_similarity("confusion", np.eye(3))
+
+
+def test_covariance_similarity_measures_closeness_under_the_within_class_covariance():
+    # class 1 is 3 away from class 0 along an axis where outputs vary a lot (variance 100),
+    # class 2 only 1 away along an axis of variance 1: Mahalanobis puts class 1 closer
+    means = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    cov = np.diag([100.0, 1.0, 1.0])
+    sim = class_similarity("covariance", means, within_covariance=cov)
+    assert sim[0, 1] > sim[0, 2] > sim[1, 2]
+    # exp(-d^2 / median d^2): d^2 = 0.09, 1 and 1.09, median of the off-diagonal entries 1
+    np.testing.assert_allclose([sim[0, 1], sim[0, 2], sim[1, 2]], np.exp([-0.09, -1.0, -1.09]), rtol=1e-4)
+    # with an isotropic covariance the nearer mean (class 2) is the more similar one
+    iso = class_similarity("covariance", means, within_covariance=np.eye(3))
+    assert iso[0, 2] > iso[0, 1]
+    with pytest.raises(PapmError, match="within-class covariance"):
+        class_similarity("covariance", means)
+
+
+def test_every_similarity_of_a_real_model_is_finite_and_in_range(base_ckpt, digits):
+    """Softmax outputs make the within-class covariance singular: no similarity may turn nan or leave its range."""
     model, info, _ = load_checkpoint(base_ckpt)
     stats = compute_class_stats(model, digits.val, info)
-    sim = class_similarity(kind, stats.mean_outputs().numpy(), stats.confusion.numpy(), stats.within_class_covariance().numpy())
-    assert sim.shape == (10, 10) and np.allclose(sim, sim.T) and np.allclose(np.diag(sim), 1.0)
-    assert np.isfinite(sim).all()
+    m, conf, cov = stats.mean_outputs().numpy(), stats.confusion.numpy(), stats.within_class_covariance().numpy()
+    low = {"correlation": -1.0, "cosine": 0.0, "covariance": 0.0, "confusion": 0.0}
+    for kind in SIMILARITIES:
+        sim = class_similarity(kind, m, conf, cov)
+        off = sim[~np.eye(10, dtype=bool)]
+        assert np.isfinite(sim).all() and (off >= low[kind] - 1e-9).all() and (off <= 1.0 + 1e-9).all(), kind
+        assert off.max() < 1.0 - 1e-6, kind  # distinct classes are never identical
+    np.testing.assert_allclose(class_similarity("correlation", m, conf, cov), np.corrcoef(m), atol=1e-12)
+
+
+def test_unknown_similarity_is_a_clear_error():
+    with pytest.raises(PapmError, match="unknown similarity 'euclid'"):
+        class_similarity("euclid", np.eye(3))
 
 
 def test_confusable_classes_land_together():
@@ -122,32 +188,79 @@ def test_bad_k_is_a_clear_error(k):
         cluster_classes(sim, k)
 
 
-def test_report_files(tmp_path):
-    sim, blocks = block_similarity((3, 3, 4))
+def _block_outputs(sizes=(3, 3, 4), seed=0):
+    """Class-mean outputs of classes confused within blocks (not adjacent), and the blocks."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.concatenate([[b] * n for b, n in enumerate(sizes)]))
+    c = len(labels)
+    m = np.where(labels[:, None] == labels[None, :], 0.3, 0.02) + 0.5 * np.eye(c) + rng.uniform(0, 0.02, (c, c))
+    blocks = sorted((sorted(np.flatnonzero(labels == b).tolist()) for b in range(len(sizes))), key=lambda g: g[0])
+    return m / m.sum(1, keepdims=True), blocks
+
+
+def test_report_files_hold_the_analysis_they_are_given(tmp_path):
     names = [f"class-{i}" for i in range(10)]
+    means, blocks = _block_outputs()
     conf = np.eye(10, dtype=int) * 50 + 1
-    analysis = analyse_groups(names, np.eye(10), conf, np.full(10, 51), similarity="correlation")
-    analysis.similarity = sim  # report what a known similarity gives
-    analysis.partitions = {k: cluster_classes(sim, k) for k in range(2, 11)}
+    conf[0, 1] = 7
+    counts = conf.sum(1)
+    analysis = analyse_groups(names, means, conf, counts, similarity="correlation")
+    assert analysis.partitions[3] == blocks  # a real structure, not one group per K
     nodes = [{"node": 101, "partition_id": 0, "group": 0, "class_counts": list(range(10))},
              {"node": 202, "partition_id": 1, "group": 1, "class_counts": [5] * 10},
              {"node": 303, "partition_id": 2, "group": 2, "class_counts": [1] * 10}]
     paths = write_group_report(tmp_path, analysis, {"chosen_k": 3, "nodes": nodes})
+    assert set(paths) == {"groups.csv", "groups.json", "similarity.png", "report.html", "assignment.json"}
+
+    # groups.csv: one row per K, holding that K's groups (by class name), sizes and scores
     rows = list(csv.DictReader(open(paths["groups.csv"])))
-    assert [int(r["k"]) for r in rows] == list(range(2, 11))
+    assert [int(r["k"]) for r in rows] == sorted(analysis.partitions) == list(range(2, 11))
+    for r in rows:
+        k = int(r["k"])
+        groups = [[names.index(n) for n in g.split(" ")] for g in r["groups"].split(" | ")]
+        assert groups == analysis.partitions[k], k
+        assert [int(n) for n in r["sizes"].split(",")] == [len(g) for g in analysis.partitions[k]]
+        for column, values in (("mean_within_similarity", analysis.mean_within), ("confusion_within", analysis.confusion_share)):
+            if np.isnan(values[k]):  # K = 10: no two classes share a group
+                assert k == 10 and r[column] == "", (k, column)
+            else:
+                assert float(r[column]) == pytest.approx(values[k], abs=5e-5), (k, column)
+
+    # groups.json: the same partitions, similarity and statistics
     doc = json.loads(paths["groups.json"].read_text())
-    assert doc["classes"] == names and doc["partitions"]["3"] == blocks and doc["balanced"] is False
-    assert len(doc["similarity"]) == 10
+    assert doc["classes"] == names and doc["balanced"] is False and doc["chosen_k"] == 3
+    assert doc["similarity_kind"] == "correlation"
+    assert {int(k): g for k, g in doc["partitions"].items()} == analysis.partitions
+    np.testing.assert_allclose(doc["similarity"], analysis.similarity, atol=1e-6)
+    assert doc["confusion"] == conf.tolist() and doc["class_counts"] == counts.tolist()
+    for k in range(2, 10):
+        assert doc["mean_within_similarity"][str(k)] == pytest.approx(analysis.mean_within[k], abs=1e-6)
+        assert doc["confusion_within"][str(k)] == pytest.approx(analysis.confusion_share[k], abs=1e-6)
+    assert doc["mean_within_similarity"]["10"] is None  # nan is written as null, not as invalid JSON
+    assert sorted(doc["leaf_order"]) == list(range(10))
+
+    # assignment.json: the run's nodes and the groups of the chosen K
+    assignment = json.loads(paths["assignment.json"].read_text())
+    assert assignment["k"] == 3
+    assert assignment["nodes"] == {str(n["node"]): {"group": n["group"], "partition_id": n["partition_id"]} for n in nodes}
+    assert assignment["groups"] == {str(g): {"classes": cls, "class_names": [names[c] for c in cls]}
+                                    for g, cls in enumerate(analysis.partitions[3])}
+
     page = paths["report.html"].read_text()
     for name in names:
         assert name in page
     for k in range(2, 11):  # one table row per K (the row starts with K, then its groups)
         assert re.search(rf"<tr( class=chosen)?><td>{k}</td><td><span class=g>", page), k
+    assert re.search(r"<tr class=chosen><td>3</td>", page) and len(re.findall("<tr class=chosen>", page)) == 1
     assert "data:image/png;base64," in page and "This run: K = 3" in page
-    assignment = json.loads(paths["assignment.json"].read_text())
-    assert assignment["nodes"]["202"] == {"group": 1, "partition_id": 1}
-    assert assignment["groups"]["2"]["classes"] == blocks[2]
     assert paths["similarity.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # outside a run: no assignment, and the page does not claim one
+    out = tmp_path / "plain"
+    paths = write_group_report(out, analysis, chosen_k=4)
+    assert "assignment.json" not in paths and not (out / "assignment.json").exists()
+    assert json.loads(paths["groups.json"].read_text())["chosen_k"] == 4
+    assert "This run" not in paths["report.html"].read_text()
 
 
 def test_papm_groups_cli(tmp_path, base_ckpt):

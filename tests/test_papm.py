@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from papm.shared import specialise as specialise_mod
-from papm.shared.datasets import ImageSet, normalise
+from papm.shared.datasets import normalise
 from papm.shared.errors import PapmError
 from papm.shared.importance import ActivationCounts, PAPMImportance, count_zero_activations, make_importance
-from papm.shared.models import ResNet18, build_model, count_params, model_args
+from papm.shared.models import ResNet18, build_model, count_params, model_args, params_for_channels
 from papm.shared.pruning import prune_to_budget, score_groups
 from papm.shared.specialise import PruneSettings, prune_model, specialise
 from papm.shared.training import TrainSettings
@@ -99,22 +99,96 @@ def test_papm_alpha_one_ranks_like_l2_and_alpha_zero_like_one_minus_apoz(digits)
         torch.testing.assert_close(mix[conv], 0.5 * scores + 0.5 * expected_act)
 
 
-def test_coupled_residual_channels_get_one_score(digits):
-    model = randomised_model()
-    counts = count_zero_activations(model, digits.train.subset(range(100)), digits.info)
+TARGET = "layer4.0.conv1"  # a conv of its own (no residual coupling), 128 channels at width 0.25
+HIGH_APOZ = [7, 100, 31, 64, 2, 90, 45, 13, 120, 77, 58, 26]  # most zeros first
+LOW_NORM = [5, 99, 40, 17, 127, 60, 84, 3, 111, 33, 70, 21]  # smallest norm first
+
+
+def controlled_model_and_counts():
+    """Width 0.25, every filter of unit L2 norm and no zero activations, except in TARGET: the
+    HIGH_APOZ channels are zero 99%, 98%, ... of the time and the LOW_NORM filters have norms 0.01, 0.02, ..."""
+    torch.manual_seed(0)
+    model = ResNet18(10, 1, 0.25).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight /= m.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        w = dict(model.named_modules())[TARGET].weight
+        for rank, c in enumerate(LOW_NORM):
+            w[c] *= 0.01 * (rank + 1)
+    sizes = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    zeros = {conv: torch.zeros(sizes[conv], dtype=torch.int64) for conv in model.activation_sites().values()}
+    for rank, c in enumerate(HIGH_APOZ):
+        zeros[TARGET][c] = 990 - 10 * rank
+    return model, ActivationCounts(zeros, {conv: 1000 for conv in zeros})
+
+
+def budget_removing(args, conv, n):
+    """The budget that removes exactly ``n`` output channels of ``conv`` (a hair under it)."""
+    before = params_for_channels(args)
+    after = params_for_channels({**args, "channels": {**args["channels"], conv: args["channels"][conv] - n}})
+    return (before - after) / before - 1e-9
+
+
+@pytest.mark.parametrize("criterion,alpha,expected", [
+    ("papm", 0.0, HIGH_APOZ),  # alpha 0: the channels that are most often zero go first
+    ("apoz", 0.5, HIGH_APOZ),  # the apoz criterion ignores alpha
+    ("papm", 1.0, LOW_NORM),  # alpha 1: the smallest filters go first, whatever their APoZ
+])
+def test_papm_removes_high_apoz_or_low_norm_channels_first(digits, criterion, alpha, expected):
+    model, counts = controlled_model_and_counts()
+    args = model_args(10, 1, 0.25)
+    settings = PruneSettings(budget=budget_removing(args, TARGET, 6), criterion=criterion, alpha=alpha)
+    result, pruned_args = prune_model(model, args, digits.info, settings, counts)
+    dropped = set(range(128)) - set(result.kept[TARGET])
+    assert dropped == set(expected[:6])  # the six worst, in the criterion's order
+    # nothing else was touched
+    assert {k: v for k, v in pruned_args["channels"].items() if k != TARGET} == {k: v for k, v in args["channels"].items() if k != TARGET}
+    assert pruned_args["channels"][TARGET] == 122 == model.layer4[0].conv1.out_channels
+
+
+def test_papm_with_both_terms_drops_a_channel_that_is_both_mostly_zero_and_small_first(digits):
+    model, counts = controlled_model_and_counts()
+    both = 50  # in neither list: make it the 7th most zero and the 7th smallest
+    with torch.no_grad():
+        model.layer4[0].conv1.weight[both] *= 0.065
+    counts.zeros[TARGET][both] = 925
+    args = model_args(10, 1, 0.25)
+    result, _ = prune_model(model, args, digits.info, PruneSettings(budget=budget_removing(args, TARGET, 1), alpha=0.5), counts)
+    assert set(range(128)) - set(result.kept[TARGET]) == {both}
+
+
+def test_round_to_with_coupled_residual_channels(digits):
+    """--round-to 8: every kept count is a multiple of 8, the channels tied by residual additions
+    (the stem and the block outputs of stage 1; the block outputs and shortcut of later stages)
+    keep equal counts and the same channels, and the pruned model runs and rebuilds."""
+    model = randomised_model(width=0.25)
+    base = copy.deepcopy(model)
+    args = model_args(10, 1, 0.25)
+    counts = count_zero_activations(model, digits.train.subset(range(200)), digits.info)
     _, groups = score_groups(model, torch.zeros(1, 1, 8, 8), make_importance("papm", model, counts))
-    stage1 = next(g for g in groups if "conv1" in g.convs)
-    # the stem and every stage-1 block output are tied by the identity shortcuts
-    assert stage1.convs == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
-    assert len(stage1.scores) == model.conv1.out_channels
-    # one score per coupled channel: alpha * mean of the members' per-layer normalised L2 norms
-    # + (1 - alpha) * mean of the members' (1 - APoZ)
-    modules, apoz = dict(model.named_modules()), counts.apoz()
-    alpha = 0.5
-    w = torch.stack([modules[c].weight.detach().flatten(1).norm(dim=1) / modules[c].weight.detach().flatten(1).norm(dim=1).max()
-                     for c in stage1.convs]).mean(0)
-    a = torch.stack([1 - apoz[c] for c in stage1.convs if c in apoz]).mean(0)
-    torch.testing.assert_close(torch.as_tensor(stage1.scores).float(), (alpha * w + (1 - alpha) * a).float())
+    coupled = [["conv1", "layer1.0.conv2", "layer1.1.conv2"]] + [
+        [f"layer{s}.0.conv2", f"layer{s}.0.shortcut.0", f"layer{s}.1.conv2"] for s in (2, 3, 4)]
+    assert sorted(g.convs for g in groups if len(g.convs) > 1) == sorted(coupled)
+    assert all(len(g.scores) == args["channels"][g.convs[0]] for g in groups)  # one score per coupled channel
+
+    result, pruned = prune_model(model, args, digits.info, PruneSettings(budget=0.6, round_to=8), counts)
+    ch = pruned["channels"]
+    assert all(c % 8 == 0 and c >= 8 for c in ch.values()), ch
+    assert abs(result.reduction - 0.6) <= 0.01
+    for convs in coupled:
+        assert len({ch[c] for c in convs}) == 1, (convs, ch)
+        assert all(result.kept[c] == result.kept[convs[0]] for c in convs), convs
+    assert any(ch[c[0]] < args["channels"][c[0]] for c in coupled)  # coupled channels were really removed
+    assert ch == {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    x = torch.randn(4, 1, 8, 8)
+    rebuilt = build_model(pruned).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(x), model.eval()(x))
+    assert rebuilt(x).shape == (4, 10)
+    # the coupled channels kept are the same base channels in every member
+    kept = result.kept["layer2.0.conv2"]
+    assert torch.equal(model.layer2[0].shortcut[0].weight, base.layer2[0].shortcut[0].weight[kept][:, result.kept["layer1.1.conv2"]])
 
 
 @pytest.mark.parametrize("criterion", ["papm", "l1", "apoz", "random"])

@@ -104,3 +104,40 @@ def test_sigkill_in_base_round_3_then_resume(tmp_path):
     assert [m["round"] for m in base] == [1, 2, 3, 4, 5, 6]
     assert all(m["time"] < killed_at for m in base[:2]) and all(m["time"] > killed_at for m in base[2:])
     assert "resuming after round 2 of 6" in r.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_simulation_within_seconds_and_leaves_no_process(tmp_path):
+    from papm.simulations.simulate import descendants
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "papm.cli", "simulate", "--set", "base-rounds=8", "--run-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").exists() and 1 in _rounds(run, "base")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no base round 1"
+            time.sleep(0.05)
+        below = descendants(proc.pid)
+        assert below  # Ray's processes and workers
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 130 and time.monotonic() - t0 < 10, err[-2000:]
+        assert "finished outputs are kept" in err and "--resume" in err
+        time.sleep(1)
+        assert [p for p in below if _alive(p)] == []  # Ray included: nothing left behind
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    r = subprocess.run([sys.executable, "-m", "papm.cli", "simulate", "--set", "base-rounds=8", "--run-dir", str(run),
+                        "--resume", "--set", "stop-after=base"], capture_output=True, text=True)
+    assert r.returncode == 0 and _rounds(run, "base") == list(range(1, 9)), r.stderr[-2000:]

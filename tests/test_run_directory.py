@@ -14,7 +14,6 @@ import torch
 from papm.server.run_directory import MARKER, RunDirectory
 from papm.shared import files
 from papm.shared.config import RunConfig
-from papm.shared.errors import PapmError
 from papm.shared.fusion import FusionHead, feature_sums
 
 from conftest import run_papm

@@ -10,6 +10,8 @@ from papm.shared.config import PHASES
 
 from conftest import run_papm
 
+pytestmark = pytest.mark.slow  # whole simulations (Ray): `pytest -m slow`, run by CI after the default tests
+
 
 def _phase_lines(run, phase):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["phase"] == phase]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def run(d: RunDriver) -> None:
     _, info, _ = d.rd.load_base()
-    bundle = export_run(d.rd.path, int8=d.cfg.int8, force=True, log=lambda line: log(INFO, "%s", line),
+    bundle = export_run(d.rd.path, int8=d.cfg.int8, int8_activations=d.cfg.int8_activations, force=True, log=lambda line: log(INFO, "%s", line),
                         test_split=d.test_split(), from_run=True,
                         sign_key=str(Path(d.cfg.sign_key).expanduser()) if d.cfg.sign_key else None)
     evaluation = json.loads((d.rd.path / "evaluation.json").read_text())

@@ -1,0 +1,197 @@
+"""Small units the federation relies on: FedAvg, node assignment, message attribution, seeded training."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from papm.server.fedavg import weighted_average
+from papm.server.messaging import exchange
+from papm.server.phases.assignment import assign_nodes
+from papm.shared.errors import PapmError
+from papm.shared.models import ResNet18
+from papm.shared.training import TrainSettings, fit
+
+# ---- FedAvg ---------------------------------------------------------------------------------
+
+
+def test_weighted_average_is_the_example_weighted_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]], dtype=torch.float64)}
+    b = {"w": torch.tensor([5.0, 10.0]), "b": torch.tensor([[4.0]], dtype=torch.float64)}
+    c = {"w": torch.tensor([-3.0, 0.0]), "b": torch.tensor([[-8.0]], dtype=torch.float64)}
+    out = weighted_average([a, b, c], [1, 3, 4])
+    # by hand: (1 * 1 + 3 * 5 + 4 * -3) / 8 = 0.5, (2 + 30 + 0) / 8 = 4, (0 + 12 - 32) / 8 = -2.5
+    assert out["w"].tolist() == [0.5, 4.0] and out["w"].dtype == torch.float32
+    assert out["b"].tolist() == [[-2.5]] and out["b"].dtype == torch.float64
+    # the inputs are left as they were
+    assert a["w"].tolist() == [1.0, 2.0]
+
+
+def test_weighted_average_rounds_integer_buffers_and_keeps_their_dtype():
+    bns = [torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)]
+    bns[0].running_mean.fill_(1.0)
+    bns[1].running_mean.fill_(3.0)
+    bns[0].num_batches_tracked.fill_(10)
+    bns[1].num_batches_tracked.fill_(11)
+    out = weighted_average([bn.state_dict() for bn in bns], [1, 3])
+    assert out["num_batches_tracked"].dtype == torch.int64
+    assert int(out["num_batches_tracked"]) == 11  # (10 + 33) / 4 = 10.75: rounded, not truncated
+    assert out["running_mean"].tolist() == [2.5, 2.5]
+    merged = torch.nn.BatchNorm2d(2)
+    merged.load_state_dict(out)  # a state dict the model takes as it is
+    assert int(merged.num_batches_tracked) == 11
+
+
+def test_weighted_average_refuses_mismatched_states_and_no_weight():
+    a = {"w": torch.zeros(3), "n": torch.tensor(1)}
+    with pytest.raises(PapmError, match="different architectures"):
+        weighted_average([a, {"w": torch.zeros(3)}], [1, 1])  # a key missing
+    with pytest.raises(PapmError, match="different architectures"):
+        weighted_average([a, {"w": torch.zeros(4), "n": torch.tensor(1)}], [1, 1])  # a shape differs
+    with pytest.raises(PapmError, match="no training examples"):
+        weighted_average([a, copy.deepcopy(a)], [0, 0])
+    with pytest.raises(PapmError, match="no node returned weights"):
+        weighted_average([], [])
+
+
+# ---- assignment of nodes to device groups -----------------------------------------------------
+
+GROUPS = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+
+
+def counts_mostly(group, total=100, share=0.8, seed=0):
+    """Per-class sample counts: ``share`` of ``total`` in ``group``'s classes, the rest elsewhere."""
+    rng = np.random.default_rng(seed)
+    own = GROUPS[group]
+    others = [c for c in range(10) if c not in own]
+    counts = np.zeros(10, dtype=np.int64)
+    counts[own] = rng.multinomial(int(total * share), [1 / len(own)] * len(own))
+    counts[others] = rng.multinomial(total - int(total * share), [1 / len(others)] * len(others))
+    return counts
+
+
+def test_each_node_serves_the_group_its_data_is_mostly_from():
+    owner = {10: 0, 11: 1, 12: 2, 13: 0, 14: 2, 15: 1, 16: 0}  # partition id -> the group it holds most of
+    mapping = assign_nodes({pid: counts_mostly(g, seed=pid) for pid, g in owner.items()}, GROUPS)
+    assert mapping == owner
+
+
+def test_balance_wins_over_affinity_but_keeps_the_best_fitting_nodes():
+    # five nodes all mostly of group 0; two groups: group 0 gets at most three, the three that fit it best
+    shares = {0: 0.6, 1: 0.9, 2: 0.55, 3: 0.8, 4: 0.7}
+    mapping = assign_nodes({pid: counts_mostly(0, total=1000, share=s, seed=pid) for pid, s in shares.items()}, GROUPS[:2])
+    assert mapping == {0: 1, 1: 0, 2: 1, 3: 0, 4: 0}
+
+
+@pytest.mark.parametrize("n", [3, 4, 7, 10, 11])
+def test_every_group_gets_floor_or_ceil_of_n_over_k_nodes(n):
+    rng = np.random.default_rng(n)
+    counts = {pid: rng.integers(0, 50, 10) for pid in range(100, 100 + n)}
+    counts[100 + n - 1] = np.zeros(10, dtype=np.int64)  # a node without data is still assigned
+    mapping = assign_nodes(counts, GROUPS)
+    assert sorted(mapping) == sorted(counts)
+    sizes = [sum(1 for g in mapping.values() if g == k) for k in range(3)]
+    assert sorted(sizes) == sorted([n // 3 + (1 if i < n % 3 else 0) for i in range(3)]), sizes
+
+
+def test_fewer_nodes_than_groups_is_a_clear_error():
+    with pytest.raises(PapmError, match="3 device groups need at least 3 nodes, but only 2"):
+        assign_nodes({0: counts_mostly(0), 1: counts_mostly(1)}, GROUPS)
+
+
+# ---- message exchange: replies and failures attributed to the right node -------------------------
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages are stamped with the identity of the task that creates them (the ServerApp here)."""
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FakeGrid:
+    """Answers as ``behaviour[node_id]`` says: "ok", "error" (an error reply sent by the SuperLink, node 0),
+    "late" (a good reply on the second pull), "silent" (never answers) or "refused" (not accepted)."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.waiting: dict[str, list] = {}
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            mid = f"m{i}"
+            msg.metadata.__dict__["_message_id"] = mid  # set on the object, as the real grids do
+            kind = self.behaviour[msg.metadata.dst_node_id]
+            if kind == "refused":
+                ids.append(None)
+                continue
+            ids.append(mid)
+            if kind in ("ok", "late"):
+                value = msg.content["q"]["x"]
+                reply = Message(RecordDict({"a": ConfigRecord({"x": value * 10})}), reply_to=msg)
+                self.waiting[mid] = [reply, 1 if kind == "ok" else 2]
+            elif kind == "error":
+                reply = Message(Error(code=3, reason="node crashed\nTraceback ...\nMessage: out of memory"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 0  # errors come from the SuperLink, not from the node
+                self.waiting[mid] = [reply, 1]
+        return ids
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [self.waiting.pop(m)[0] for m in ids if m in self.waiting and self.waiting[m][1] <= self.pulls]
+
+
+def _requests(nodes):
+    return {n: RecordDict({"q": ConfigRecord({"x": n})}) for n in nodes}
+
+
+def test_exchange_attributes_replies_and_failures_to_their_nodes(task_identity):
+    behaviour = {101: "ok", 102: "silent", 103: "error", 104: "refused", 105: "late", 106: "ok"}
+    grid = FakeGrid(behaviour)
+    result = exchange(grid, _requests(behaviour), "query", timeout=0.3, group_id="g")
+    assert sorted(result.replies) == [101, 105, 106]
+    for n in (101, 105, 106):  # each node's own answer
+        assert result.replies[n].content["a"]["x"] == n * 10
+    assert set(result.failed) == {102, 103, 104}
+    assert result.failed[102] == "no reply within 0.3 s"
+    assert result.failed[103] == "error 3: out of memory"  # the node it was sent to, in one line
+    assert "could not be delivered" in result.failed[104]
+
+
+def test_exchange_returns_as_soon_as_every_node_answered(task_identity):
+    import time
+
+    grid = FakeGrid({1: "ok", 2: "ok"})
+    t = time.monotonic()
+    result = exchange(grid, _requests([1, 2]), "query", timeout=30)
+    assert time.monotonic() - t < 5 and grid.pulls == 1
+    assert sorted(result.replies) == [1, 2] and not result.failed
+
+
+# ---- seeded training --------------------------------------------------------------------------
+
+
+def test_fit_with_the_same_seed_gives_bitwise_identical_weights(digits):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        init = ResNet18(10, 1, 0.125)
+        data = digits.train.subset(range(192))
+
+        def trained(seed):
+            model = copy.deepcopy(init)
+            fit(model, data, digits.info, TrainSettings(epochs=1, batch_size=64, seed=seed), "cpu", progress=False)
+            return model.state_dict()
+
+        a, b, other = trained(3), trained(3), trained(4)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], init.state_dict()["conv1.weight"])  # it did train
+    assert not all(torch.equal(a[k], other[k]) for k in a)  # and the seed matters
