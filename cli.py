@@ -66,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="base checkpoint from `papm train`")
     _add_data_args(p, required=False)
     p.add_argument("--classes", required=True, help="the group's classes, ids or names: 3,5,8")
-    p.add_argument("--budget", type=_number, required=True, help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%%")
-    p.add_argument("--criterion", default="papm", help="papm (default), l1, apoz or random")
+    p.add_argument("--budget", type=_number, default=None,
+                   help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%% (with --sparsity unstructured: of the conv "
+                        "weights to zero)")
+    p.add_argument("--criterion", default=None, help="papm (default), l1, apoz or random (--data-free: l1 by default)")
     p.add_argument("--alpha", type=_number, default=0.5, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ)")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
     p.add_argument("--apoz-samples", type=int, default=2048, help="group-class training samples used for APoZ")
-    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (0 with --data-free)")
     p.add_argument("--finetune-lr", type=_number, default=0.02)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--emphasis", type=_number, default=4.0, help="weight of the group's classes vs the others (1 = none)")
@@ -79,7 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd", action="store_true", help="distil from the base model while fine-tuning")
     p.add_argument("--kd-weight", type=_number, default=0.5)
     p.add_argument("--kd-temperature", type=_number, default=4.0)
-    p.add_argument("--out", default="pruned.pt", help="pruned checkpoint; the report goes beside it as <name>.json")
+    p.add_argument("--schedule", default="oneshot", help="oneshot (one cut, default) or iterative (--steps cuts, APoZ re-measured)")
+    p.add_argument("--steps", type=int, default=None, help="cuts of the iterative schedule (default 3)")
+    p.add_argument("--step-epochs", type=int, default=1, help="fine-tuning epochs between two cuts (0: BatchNorm re-estimation only)")
+    p.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate BatchNorm statistics on the data after every cut, no gradient step (default on; "
+                        "off with --data-free)")
+    p.add_argument("--data-free", action="store_true",
+                   help="use no data: cut by weights only and fold each removed channel into the next layer "
+                        "(no fine-tuning); the test split only measures")
+    p.add_argument("--sparsity", default="none",
+                   help="none (channel pruning, default), unstructured (zero the --budget smallest weights) or 2:4")
+    p.add_argument("--weight-bits", type=int, default=0, help="after fine-tuning, quantise weights to 2-8 bits, e.g. 8 or 4 "
+                   "(evaluated in PyTorch; INT8 on ONNX Runtime is `papm export --int8`)")
+    p.add_argument("--weight-quant", default="rtn", help="rtn (round to nearest, default) or gptq (error-compensating, "
+                   "calibrated on the group's images)")
+    p.add_argument("--level", type=int, default=0, help="compression level 1-5: a fixed ladder of sparsity and weight "
+                   "bits (1: 8-bit; 2: 2:4 + 8-bit; 3: 75%% sparse + 8-bit; 4: 75%% + 4-bit; 5: 90%% + 4-bit)")
+    p.add_argument("--out", default="pruned.pt", help="pruned checkpoint; the report goes beside it as <name>.json (and <name>.steps.csv)")
     _add_common(p)
 
     g = sub.add_parser("groups", help="group the classes for K devices by how they co-vary in the model's outputs")
@@ -100,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue a run after its last completed phase")
     s.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
     s.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+
+    u = sub.add_parser("suite", help="run a grid of configurations over seeds (YAML/TOML suite file)")
+    u.add_argument("suite_file", metavar="FILE", help="suite file: name, base, grid, seeds (see simulations/suites/)")
+    u.add_argument("--dry-run", action="store_true", help="print the runs it would do and write nothing")
+    u.add_argument("--resume", action="store_true", help="skip finished runs, re-run failed or unfinished ones")
+    u.add_argument("--runs-dir", default=None, help="folder of the suite's run directories (default runs/suite-<name>)")
+    u.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    r = sub.add_parser("report", help="tables and plots of a suite, from its run directories")
+    r.add_argument("directory", metavar="DIR", help="the suite's folder (runs/suite-<name>)")
+    r.add_argument("--out", default=None, help="where to write the report (default DIR)")
+    r.add_argument("--no-latency", action="store_true", help="do not measure the split latency from the bundles")
 
     # torch-free modules (export_cli imports torch only inside run_export)
     from .deploy.deploy_cli import add_deploy_parser
@@ -167,46 +198,67 @@ def cmd_train(args) -> int:
 def cmd_prune(args) -> int:
     from .shared.checkpoint import load_checkpoint, save_checkpoint
     from .shared.datasets import load_dataset_like
-    from .shared.files import atomic_write_json, refuse_existing
-    from .shared.specialise import PruneSettings, parse_classes, specialise
+    from .shared.errors import PapmError
+    from .shared.files import atomic_write_csv, atomic_write_json, refuse_existing
+    from .shared.specialise import PruneSettings, describe, parse_classes, specialise
     from .shared.training import TrainSettings, resolve_device
 
     out = Path(args.out)
     report_path = out.with_suffix(".json")
     if report_path == out:
         report_path = out.with_name(out.name + ".report.json")
-    refuse_existing(out, report_path, force=args.force)
+    if args.steps is not None and args.schedule != "iterative":
+        raise PapmError(f"--steps {args.steps} needs --schedule iterative (a one-shot cut is one step)")
+    steps_path = report_path.with_name(report_path.stem + ".steps.csv")
+    refuse_existing(out, report_path, steps_path, force=args.force)
     settings = PruneSettings(
-        budget=args.budget, criterion=args.criterion, alpha=args.alpha, round_to=args.round_to,
+        budget=args.budget, criterion=args.criterion or ("l1" if args.data_free else "papm"), alpha=args.alpha, round_to=args.round_to,
         apoz_samples=args.apoz_samples, emphasis=args.emphasis, emphasis_mode=args.emphasis_mode, kd=args.kd,
-        kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
-        finetune=TrainSettings(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
-                               warmup=0.1, seed=args.seed),
+        kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, schedule=args.schedule,
+        steps=3 if args.steps is None else args.steps,
+        step_epochs=args.step_epochs,
+        bn_recalibrate=not args.data_free if args.bn_recalibrate is None else args.bn_recalibrate,
+        data_free=args.data_free, sparsity=args.sparsity, weight_bits=args.weight_bits, weight_quant=args.weight_quant,
+        level=args.level,
+        finetune=TrainSettings(epochs=(0 if args.data_free else 5) if args.finetune_epochs is None else args.finetune_epochs,
+                               lr=args.finetune_lr, batch_size=args.batch_size, warmup=0.1, seed=args.seed),
     ).validate()
     device = resolve_device(args.device)
     base, info, ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("kind") != "base":
-        from .shared.errors import PapmError
-
         raise PapmError(f"{args.checkpoint} is a {ckpt.get('kind')} checkpoint; prune a base checkpoint from `papm train`")
     classes = parse_classes(args.classes, info)
     splits = load_dataset_like(info, args.dataset, args.data_root, args.download)
-    print(f"pruning {args.checkpoint} toward classes {[info.class_names[c] for c in classes]} "
-          f"to remove {settings.budget:.0%} of the parameters ({settings.criterion}, alpha={settings.alpha:g})")
+    print(f"compressing {args.checkpoint} toward classes {[info.class_names[c] for c in classes]}: {describe(settings)}")
     model, margs, report = specialise(base, ckpt["model_args"], splits, classes, settings, device, progress=_progress(args))
     report["base_checkpoint"] = str(args.checkpoint)
     report["checkpoint"] = str(out)
     save_checkpoint(out, model, margs, info, kind="pruned",
                     meta={"classes": classes, "base_checkpoint": str(args.checkpoint),
-                          "reduction": report["reduction"], "criterion": settings.criterion, "alpha": settings.alpha})
+                          "reduction": report["reduction"], "criterion": settings.criterion, "alpha": settings.alpha,
+                          "sparsity": settings.sparsity, "weight_bits": settings.weight_bits, "data_free": settings.data_free})
     atomic_write_json(report_path, report)
+    atomic_write_csv(steps_path, report["steps"])
     acc = report["accuracy"]
-    print(f"params {report['params_before']:,} -> {report['params_after']:,} (reduction {report['reduction']:.4f}, "
-          f"target {settings.budget:g}); MACs {report['macs_before']:,} -> {report['macs_after']:,}")
-    print("test accuracy      all classes   group classes")
-    for key in ("base", "before_finetune", "after_finetune"):
-        print(f"  {key:<16} {acc[key]['all']:>10.4f}   {acc[key]['group']:>12.4f}")
-    print(f"saved {out} and {report_path}")
+    size = report["size"]
+    print(f"params {report['params_before']:,} -> {report['params_after']:,} ({report['nonzero_params']:,} non-zero; "
+          f"reduction {report['reduction']:.4f}); MACs {report['macs_before']:,} -> {report['macs_after']:,}; "
+          f"the fp32 weights zlib-compressed: {size['compressed_bytes'] / 1024:.1f} KiB")
+    labels = {"base": "base", "before_finetune": "after the cut" + (" + restoration" if settings.data_free else ""),
+              "after_bn_recalibrate": "+ BatchNorm re-estimated", "after_finetune": "+ fine-tuned",
+              "after_weight_quant": f"+ {settings.weight_bits}-bit weights"}
+    print("test accuracy                 all classes   group classes")
+    for key in acc:
+        if key == "after_finetune" and not report["history"]:
+            continue  # no fine-tuning step was taken: the row would repeat the one above
+        print(f"  {labels.get(key, key):<27} {acc[key]['all']:>10.4f}   {acc[key]['group']:>12.4f}")
+    if len(report["steps"]) > 1:
+        print("iterative schedule (group-class accuracy)   after the cut   + BatchNorm   + step fine-tune")
+        for row in report["steps"]:
+            cells = [row.get(k) for k in ("after_cut_group", "after_bn_group", "after_step_finetune_group")]
+            print(f"  step {row['step']}: {row['params']:>10,} parameters      " +
+                  "   ".join(f"{c:>11.4f}" if c is not None else f"{'-':>11}" for c in cells))
+    print(f"saved {out}, {report_path} and {steps_path}")
     return 0
 
 
@@ -275,6 +327,33 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_suite(args) -> int:
+    from .simulations.suite import dry_run_table, plan_suite, run_suite
+
+    suite = plan_suite(args.suite_file, args.runs_dir)
+    print(dry_run_table(suite))
+    if args.dry_run:
+        return 0
+    record = run_suite(suite, resume=args.resume)
+    failed = [n for n, e in record["runs"].items() if e.get("status") == "failed"]
+    if not args.no_report and len(failed) < len(suite.runs):
+        from .deploy.suite_report import write_report
+
+        paths = write_report(suite.root)
+        print(f"report: {paths['summary_all.md']} and {paths['summary_all.csv']}")
+    print(f"suite {suite.name}: {len(suite.runs) - len(failed)} runs finished, {len(failed)} failed (see {suite.root / 'suite.json'})")
+    return 0 if not failed else 1
+
+
+def cmd_report(args) -> int:
+    from .deploy.suite_report import write_report
+
+    paths = write_report(args.directory, args.out, measure_latency=not args.no_latency)
+    for name, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .deploy.export_cli import run_export
 
@@ -305,7 +384,7 @@ def cmd_doctor(args) -> int:
     return run_doctor(args)
 
 
-COMMANDS = {"doctor": cmd_doctor, "train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
+COMMANDS = {"suite": cmd_suite, "report": cmd_report, "doctor": cmd_doctor, "train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
             "export": cmd_export, "infer": cmd_infer, "bench": cmd_bench,
             "deploy": cmd_deploy}
 

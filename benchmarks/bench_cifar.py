@@ -85,7 +85,8 @@ def main(argv=None) -> int:
                     f"devices={k}", f"nodes={nodes}", f"partitioner={part}", *args.set]
             if part == "dirichlet":
                 sets.append(f"dirichlet-alpha={args.dirichlet_alpha}")
-            name = f"{part}-k{k}-n{nodes}" + "".join(f"-{s.replace('=', '')}" for s in args.set)
+            runtime = ("timeout=", "device=", "run-dir=")  # settings that do not change what a run computes
+            name = f"{part}-k{k}-n{nodes}" + "".join(f"-{s.replace('=', '')}" for s in args.set if not s.startswith(runtime))
             row = run_one(name, sets, Path(args.runs))
             rows.append(row)
             print(f"  base {100 * row['base_accuracy']:.2f}%  fusion {100 * row['fusion_accuracy']:.2f}%  "

@@ -23,6 +23,8 @@ from ..shared.datasets import DatasetInfo, normalise, pixel_sums
 from ..shared.fusion import build_head, feature_sums, fit_head
 from ..shared.models import build_model
 from ..shared.node_data import NodeData, load_node_data
+from ..shared.compression import masks_kept, nonzero_masks
+from ..shared.sparsity import MaskKeeper
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
 from ..shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
 from .drills import drill_mods
@@ -109,15 +111,20 @@ def train_base(msg: Message, context: Context) -> Message:
     model = node.model()
     rnd = int(msg.content["papm"]["round"])
     own_bn = node.cfg.bn == "local"
-    if own_bn and FEDBN_KEY in context.state and context.state[FEDBN_KEY].get("run", "") == node.cfg.fingerprint():
-        model.load_state_dict(record_state(context.state[FEDBN_KEY + "-weights"]), strict=False)
+    run_id = f"{node.cfg.fingerprint()}:{node.cfg.run_dir}"
+    if own_bn and FEDBN_KEY in context.state:
+        kept = context.state[FEDBN_KEY]
+        # only this run's own BatchNorm layers from the round just before (never another run's, or a
+        # round the server never averaged because the run was killed and resumed)
+        if kept.get("run", "") == run_id and int(kept.get("round", -2)) == rnd - 1:
+            model.load_state_dict(record_state(context.state[FEDBN_KEY + "-weights"]), strict=False)
     lr = round_lr(node.cfg.base_lr, rnd, node.cfg.base_rounds)
     settings = TrainSettings(epochs=node.cfg.base_epochs, lr=lr, batch_size=node.cfg.batch_size,
                              seed=node.cfg.seed + 1000 * rnd + node.partition_id, select_on_val=False)
     history = fit(model, node.data.train, node.info(), settings, node.device, progress=False)
     if own_bn:
         context.state[FEDBN_KEY + "-weights"] = state_record(bn_state(model))
-        context.state[FEDBN_KEY] = ConfigRecord({"run": node.cfg.fingerprint()})
+        context.state[FEDBN_KEY] = ConfigRecord({"run": run_id, "round": rnd})
     return node.reply({"model": state_record(model.state_dict())}, **{"num-examples": len(node.data.train),
                                                                         "train-loss": history[-1]["loss"] if history else 0.0})
 
@@ -146,12 +153,15 @@ def class_stats(msg: Message, context: Context) -> Message:
 
 @app.query("apoz")
 def apoz(msg: Message, context: Context) -> Message:
-    """APoZ counts of the base model on this node's samples of each job's group classes (none: empty counts)."""
+    """APoZ counts of the base model (or, between the cuts of an iterative schedule, of each job's own model)
+    on this node's samples of each job's group classes (none: empty counts)."""
     node = Node(msg, context)
-    base = node.model()
+    jobs = node.jobs()
+    base = None if all(job.get("own-model") for job in jobs) else node.model()
     arrays, results = {}, {}
-    for job in node.jobs():
-        counts, n = local_apoz_counts(base, node.data.train, node.info(), job["classes"], node.cfg.apoz_samples,
+    for job in jobs:
+        model = node.model(job["key"]) if job.get("own-model") else base
+        counts, n = local_apoz_counts(model, node.data.train, node.info(), job["classes"], node.cfg.apoz_samples,
                                       node.cfg.seed + node.partition_id, node.device)
         arrays[f"counts-{job['key']}"] = tensors_record(counts.to_arrays())
         results[job["key"]] = {"num-examples": n}
@@ -169,9 +179,12 @@ def finetune(msg: Message, context: Context) -> Message:
     arrays, results = {}, {}
     for job in node.jobs():
         model = node.model(job["key"])
-        settings = _settings(node, cfg.finetune_lr, job["round"], job["steps"], cfg.finetune_rounds)
-        finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
-                       node.device, teacher=teacher)
+        settings = _settings(node, cfg.finetune_lr, job["round"], job["steps"], job.get("rounds", cfg.finetune_rounds))
+        # a sparse model: the weights that arrive zero stay zero (the server's masks, without sending them)
+        keeper = MaskKeeper(model, nonzero_masks(model)) if job.get("keep-zeros") else None
+        with masks_kept(keeper):
+            finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
+                           node.device, teacher=teacher)
         arrays[job["key"]] = state_record(model.state_dict())
         results[job["key"]] = {"num-examples": len(node.data.train), "steps": settings.steps,
                                "weight": objective_weight(node.data.train.y, info.num_classes, job["classes"], cfg.emphasis)}
@@ -192,7 +205,7 @@ def export(msg: Message, context: Context) -> Message:
     items = config_json(msg.content["papm"], "items")  # [{"key", "graph", "name", "classes"}]
     seed = node.cfg.seed + node.partition_id
     local = node.data.val if len(node.data.val) >= 8 else node.data.train
-    parity_x = parity_inputs(normalise(local.x, info), n=64, seed=seed)
+    parity_x = parity_inputs(local.x, n=64, seed=seed, normalise=lambda x: normalise(x, info))
 
     def calibration(classes: list[int]) -> tuple[torch.Tensor | None, str]:
         if not node.cfg.int8:
@@ -240,10 +253,13 @@ def _features(node: Node, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if key not in _FEATURES:
         data = getattr(node.data, split)
         info = node.info()
-        x = normalise(data.x, info).to(node.device)
-        with torch.no_grad():
-            feats = torch.cat([torch.cat([e.to(node.device).features(x[i:i + 512]) for i in range(0, len(x), 512)])
-                               for e in _extractors(node)], dim=1).float().cpu()
+        extractors = [e.to(node.device) for e in _extractors(node)]
+        parts = []
+        with torch.no_grad():  # batch by batch: a float copy of a whole split would be 4x its uint8 size
+            for i in range(0, len(data), 512):
+                x = normalise(data.x[i:i + 512].to(node.device), info)
+                parts.append(torch.cat([e.features(x) for e in extractors], dim=1).float().cpu())
+        feats = torch.cat(parts) if parts else torch.empty(0, 0)
         _FEATURES[key] = (feats, data.y.clone())
         while len(_FEATURES) > 8:
             _FEATURES.popitem(last=False)

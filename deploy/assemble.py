@@ -62,6 +62,7 @@ def export_run(
     test_split=None,
     from_run: bool = False,
     int8_activations: str = "u8",
+    int8_reduce_range: bool | None = None,
 ) -> dict:
     """Export a run directory (base.pt, devices/device-k/pruned.pt, fusion/head.pt) into an edge bundle.
 
@@ -127,11 +128,12 @@ def export_run(
         if test_split is None:
             raise PapmError("export_run(from_run=True) needs the server's test split")
         splits, test = None, test_split
-        x_check = parity_inputs(normalise(test.x, info), parity_samples)
+        x_check = parity_inputs(test.x, parity_samples, normalise=lambda x: normalise(x, info))
     else:
         splits = load_dataset_like(info)
         test = splits.test
-        x_check = parity_inputs(normalise(splits.val.x if len(splits.val) else splits.train.x, info), parity_samples)
+        x_check = parity_inputs(splits.val.x if len(splits.val) else splits.train.x, parity_samples,
+                                normalise=lambda x: normalise(x, info))
 
     def from_devices(rel_in_run: str, dest: Path) -> bool:
         """Copy a file the devices made in the run (True), or report that there is none (False)."""
@@ -198,17 +200,20 @@ def export_run(
                     part["int8_settings"] = report.get("int8", {"activations": "s8", "weights": "s8"})  # runs before the option: S8S8
                     log(f"{rel}: the device's INT8 file (calibrated on {made.get('source', 'its own training images')})")
                 else:  # never on test data: training images of the device's classes
-                    quantize_int8(stage / part["files"]["fp32"], stage / rel, calibration(part["classes"], seed=i), int8_activations)
+                    quantize_int8(stage / part["files"]["fp32"], stage / rel, calibration(part["classes"], seed=i), int8_activations,
+                                  int8_reduce_range)
                     part["int8_calibration"] = {"samples": calib_samples, "source": "training images of its classes (papm export)"}
-                    part["int8_settings"] = int8_settings(int8_activations)
+                    part["int8_settings"] = int8_settings(int8_activations, int8_reduce_range)
                     log(f"quantised {rel} (INT8 QDQ, {int8_activations} activations, per-channel weights; "
                         "calibrated on training images of its classes)")
                 part["files"]["int8"] = rel
             if not from_devices("base.int8.onnx", stage / "base.int8.onnx"):
-                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration([], seed=len(parts)), int8_activations)
+                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration([], seed=len(parts)), int8_activations,
+                              int8_reduce_range)
             base_files["int8"] = "base.int8.onnx"
 
-        atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "files": reports,
+        atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "tolerance_is": "per unit of output scale (each file's "
+                                                  "tolerance: this times max(1, its largest output magnitude))", "files": reports,
                                                   "inputs": ("held-out test images + random" if from_run else "validation images + random")})
         # the manifest: every file with its sha256 (the runtime verifies them before opening any session)
         for part in parts:

@@ -242,7 +242,7 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     return None
 
 
-def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None) -> Bundle:
+def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None, quiet: bool = False) -> Bundle:
     """Open a bundle after checking it (see the module docstring); no ONNX session is created here."""
     bundle_dir = Path(bundle_dir)
     mpath = bundle_dir / MANIFEST
@@ -281,6 +281,6 @@ def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None) ->
         if path.stat().st_size != entry.get("bytes", path.stat().st_size) or sha256_file(path) != entry["sha256"]:
             raise PapmError(f"bundle file {path} does not match its sha256 in the manifest (tampered or damaged); "
                             "copy the bundle again or re-export it")
-    if verify_key is None:
+    if verify_key is None and not quiet:
         _warn_once(f"no --verify-key given: {bundle_dir} checked against its manifest checksums only, not its signature")
     return Bundle(bundle_dir, manifest, signed=verify_key is not None)

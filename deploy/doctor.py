@@ -34,7 +34,8 @@ def role_requirements() -> dict[str, list[str]]:
 
 
 def check(requirement: str) -> str | None:
-    """None when ``requirement`` is met, else what is wrong ("missing" or the installed version)."""
+    """None when ``requirement`` is met, else what is wrong ("missing", the installed version, or the missing
+    packages of an extra it names, e.g. Ray for ``flwr[simulation]``)."""
     name = re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0]
     try:
         installed = metadata.version(name)
@@ -47,6 +48,16 @@ def check(requirement: str) -> str | None:
             return f"{installed} installed"
     except ImportError:  # no packaging module: presence is all that can be checked
         pass
+    extras = re.search(r"\[([^\]]+)\]", requirement)
+    for extra in (e.strip() for e in extras.group(1).split(",")) if extras else []:
+        for req in metadata.requires(name) or []:
+            spec, _, marker = req.partition(";")
+            if re.search(rf'extra\s*==\s*["\']{re.escape(extra)}["\']', marker):
+                inner = re.split(r"[\s<>=!~\[;(]", spec.strip(), maxsplit=1)[0]
+                try:
+                    metadata.version(inner)
+                except metadata.PackageNotFoundError:
+                    return f"its [{extra}] extra lacks {inner}"
     return None
 
 

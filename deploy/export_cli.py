@@ -18,6 +18,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--calib-samples", type=int, default=256, help="INT8 calibration images per device (from its own classes)")
     e.add_argument("--int8-activations", choices=("u8", "s8"), default="u8",
                    help="INT8 activation type for the files made here: u8 (default; fastest with ONNX Runtime on x86) or s8")
+    e.add_argument("--int8-reduce-range", choices=("auto", "on", "off"), default="auto",
+                   help="7-bit weights for u8 activations: auto (this machine lacks VNNI), on (the edge devices are "
+                        "x86 without VNNI), off")
     e.add_argument("--sign-key", default=None, help="Ed25519 private key (PEM) to sign the manifest with")
     e.add_argument("--new-key", default=None, metavar="DIR",
                    help="generate an Ed25519 key pair in DIR and sign with it (keep the private key off the devices)")
@@ -32,7 +35,8 @@ def run_export(args: argparse.Namespace) -> int:
     sign_key = args.sign_key
     if not getattr(args, "new_key", None):
         result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=sign_key, force=args.force,
-                            calib_samples=args.calib_samples, int8_activations=args.int8_activations)
+                            calib_samples=args.calib_samples, int8_activations=args.int8_activations,
+                            int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range])
     else:
         if sign_key:
             raise PapmError("give either --sign-key or --new-key, not both")
@@ -51,14 +55,20 @@ def run_export(args: argparse.Namespace) -> int:
         # a failed export leaves no key behind, and a retry is not stuck on one
         keys.mkdir(parents=True, exist_ok=True)
         staging = new_temp_dir(keys, "new-key")
+        signed = False
         try:
             staged_priv, staged_pub = generate_keypair(staging)
             result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=staged_priv, force=args.force,
-                                calib_samples=args.calib_samples, int8_activations=args.int8_activations)
+                                calib_samples=args.calib_samples, int8_activations=args.int8_activations,
+                                int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range])
+            signed = True  # from here on the pair signs a bundle: it is moved into place, never deleted
             for path in (staged_priv, staged_pub):
                 path.rename(keys / path.name)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not signed:
+                shutil.rmtree(staging, ignore_errors=True)
+            elif not any(staging.iterdir()):
+                staging.rmdir()
         sign_key = keys / PRIVATE_KEY
         print(f"new key pair: {sign_key} (private, keep it safe) and {keys / PUBLIC_KEY} (give this to the devices)")
     print("parity (PyTorch vs ONNX Runtime, same inputs):")

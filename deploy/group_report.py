@@ -232,15 +232,21 @@ def write_group_report(out_dir: Path | str, analysis: GroupingAnalysis, run: dic
         "report.html": atomic_write_text(out / "report.html", _html_page(analysis, png, run_or_k)),
     }
     if run:
-        groups = analysis.partitions[chosen]
-        assignment = {
-            "k": chosen,
-            "groups": {str(g): {"classes": cls, "class_names": [analysis.class_names[c] for c in cls]} for g, cls in enumerate(groups)},
-            "nodes": {str(n["node"]): {"group": n["group"], **({"partition_id": n["partition_id"]} if "partition_id" in n else {})}
-                      for n in run.get("nodes", [])},
-        }
-        paths["assignment.json"] = atomic_write_json(out / "assignment.json", assignment)
+        paths["assignment.json"] = write_assignment(out, analysis.partitions[chosen], analysis.class_names, run.get("nodes", []))
     return paths
+
+
+def write_assignment(out_dir: Path | str, groups: list[list[int]], class_names: list[str], nodes: list[dict],
+                     how: str = "similarity") -> Path:
+    """``assignment.json``: group -> classes, node -> group (``how`` the groups were made)."""
+    assignment = {
+        "k": len(groups),
+        "grouping": how,
+        "groups": {str(g): {"classes": cls, "class_names": [class_names[c] for c in cls]} for g, cls in enumerate(groups)},
+        "nodes": {str(n["node"]): {"group": n["group"], **({"partition_id": n["partition_id"]} if "partition_id" in n else {})}
+                  for n in nodes},
+    }
+    return atomic_write_json(Path(out_dir) / "assignment.json", assignment)
 
 
 def terminal_table(analysis: GroupingAnalysis, max_k: int | None = None) -> str:

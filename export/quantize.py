@@ -53,14 +53,16 @@ ACTIVATION_TYPES = ("u8", "s8")
 
 
 def int8_settings(activations: str = "u8", reduce_range: bool | None = None) -> dict:
-    """How a graph is quantised: activation type and 7-bit weights (``reduce_range``, default: where this
-    CPU lacks VNNI, see ``shared/cpu.py``), with the CPU it was decided on (recorded in the manifest)."""
+    """How a graph is quantised: activation type and 7-bit weights (``reduce_range``, default: u8 activations
+    on a CPU without VNNI, see ``shared/cpu.py``: in a run every device quantises its own part, so it is
+    decided where the part runs), with the CPU it was decided on (recorded in the manifest)."""
     from ..shared.cpu import cpu_features, reduce_range_needed
 
     if activations not in ACTIVATION_TYPES:
         raise PapmError(f"int8 activations must be u8 or s8, got {activations!r}")
-    return {"activations": activations, "weights": "s8",
-            "reduce_range": reduce_range_needed() if reduce_range is None else bool(reduce_range),
+    if reduce_range is None:  # only unsigned activations saturate; the machine that quantises decides
+        reduce_range = activations == "u8" and reduce_range_needed()
+    return {"activations": activations, "weights": "s8", "reduce_range": bool(reduce_range),
             "decided_on": cpu_features()["isa"]}
 
 

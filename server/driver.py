@@ -173,11 +173,20 @@ class RunDriver:
             sq = stats["pixel-sqsum"] if sq is None else sq + stats["pixel-sqsum"]
             count += int(m["pixels-per-channel"])
         if not self.nodes:
+            reasons = [f["reason"] for f in self.failures if f["phase"] == "hello"]
+            if reasons:  # every node refused its data or config: say why, not only that
+                raise PapmError(f"every node failed at the start of the run ({reasons[-1]}); fix the nodes' data or the "
+                                "run config and start again")
             raise PapmError("no node answered; check that the SuperNodes are running and reach the SuperLink")
         pids = sorted(v["partition_id"] for v in self.nodes.values())
         if len(set(pids)) != len(pids):
             raise PapmError(f"two nodes report the same partition-id ({pids}); give every SuperNode its own partition-id")
         mean, std = mean_std_from_sums(total, sq, count)
+        kept = self.rd.state().get("normalisation")
+        if kept and kept.get("class_names") == names:  # a resumed run keeps the normalisation it started with
+            mean, std = kept["mean"], kept["std"]
+        else:
+            self.rd.note("normalisation", {"class_names": names, "mean": mean, "std": std})
         self.node_info = DatasetInfo(name=aug[2], class_names=names, in_channels=shape[0], image_size=shape[1], mean=mean, std=std,
                                      hflip=aug[0], crop_padding=aug[1], split_seed=self.cfg.seed,
                                      val_fraction=self.cfg.val_fraction, source=self.cfg.data_root)

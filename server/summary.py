@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
 from ..shared.config import RunConfig
 from ..shared.datasets import DatasetInfo
-from ..shared.files import atomic_write_text
+from ..shared.files import atomic_write_csv, atomic_write_text
 
 
 def _pct(x) -> str:
@@ -47,9 +45,12 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
         for precision in ("fp32", "int8"):
             if precision in acc:
                 lines.append(f"| {precision} | {_pct(acc[precision]['split'])} | {_pct(acc[precision]['base'])} |")
-    lines += ["", "## Per-class test accuracy", "", "| class | baseline | fusion |", "|---|---:|---:|"]
+    lines += ["", "## Per-class test accuracy", "", "| class | baseline | fusion | device (its group holds the class) |",
+              "|---|---:|---:|---:|"]
+    holder = {name: d["device"] for d in ev["devices"] for name in d["class_names"]}
     for name in info.class_names:
-        lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} |")
+        lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} | "
+                     f"{holder.get(name, '-')} |")
     lines += ["", "## What happened", ""]
     for f in ev["failures"]:
         if f.get("left_run", True):
@@ -87,9 +88,4 @@ def summary_rows(info: DatasetInfo, ev: dict) -> list[dict]:
 
 def write_summary(run_dir: Path, cfg: RunConfig, info: DatasetInfo, ev: dict) -> None:
     atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, info, ev))
-    rows = summary_rows(info, ev)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(run_dir / "summary.csv", buf.getvalue())
+    atomic_write_csv(run_dir / "summary.csv", summary_rows(info, ev))

@@ -27,7 +27,7 @@ from torch import nn
 
 from .datasets import DatasetInfo, ImageSet, normalise
 from .errors import PapmError
-from .training import augment
+from .training import augment, batch_bounds
 
 
 def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -103,8 +103,8 @@ def bn_input_sums(model: nn.Module, data: ImageSet, info: DatasetInfo, device: t
         hooks.append(layer.register_forward_pre_hook(hook(name)))
     try:
         order = torch.randperm(len(data), generator=gen)
-        for i in range(0, len(data), batch_size):
-            xb = data.x[order[i : i + batch_size]].to(device)
+        for start, stop in batch_bounds(len(data), batch_size):
+            xb = data.x[order[start:stop]].to(device)
             if augmented:
                 xb = augment(xb, info, gen)
             model(normalise(xb, info))

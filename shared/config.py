@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .compression_options import LEVELS, check_compression
 from .errors import PapmError
 
 # Config keys that do not change what a run computes (a resumed run may change them).
@@ -49,6 +50,10 @@ class RunConfig:
     similarity: str = "correlation"
     outputs: str = "softmax"
     balanced: bool = True
+    grouping: str = "similarity"  # similarity (the method) | random: a seeded balanced random split (a baseline)
+    # baselines a reviewer asks for instead of the K-device split: one model, all classes, pruned to one
+    # device's budget (the latency of one part) or to the K parts' total parameter count
+    baseline: str = "none"  # none | one-model-device-budget | one-model-total-budget
     # phase 3: prune + fine-tune
     budget: float = 0.77
     criterion: str = "papm"
@@ -63,6 +68,15 @@ class RunConfig:
     emphasis_mode: str = "loss"
     kd: bool = False
     bn_recalibrate: bool = True  # re-estimate each fine-tuned model's BatchNorm statistics from all its nodes' data
+    # compression options beside the one-shot PAPM cut (see compression_options.py)
+    schedule: str = "oneshot"  # oneshot | iterative: `steps` cuts, APoZ re-measured on the nodes in between
+    steps: int = 3  # cuts of the iterative schedule (a one-shot run ignores it)
+    step_epochs: int = 1  # between two cuts: one FedAvg round of this many passes over all nodes' data (0: BatchNorm only)
+    data_free: bool = False  # cut by weights only (criterion l1 or random) and fold removed channels into the next layers;
+    # the groups' models then take no fine-tuning and no BatchNorm re-estimation
+    sparsity: str = "none"  # none (channel pruning) | unstructured (zero `budget` of the conv weights) | 2:4 (budget unused)
+    weight_bits: int = 0  # after fine-tuning, round weights to this many bits per output channel (0: fp32)
+    level: int = 0  # 1..5: a rung of the compression ladder (sets sparsity and weight-bits; budget unused), 0: none
     # phase 4: export (on the nodes: each group's extractor to ONNX, INT8 calibrated on local images)
     int8: bool = False
     int8_activations: str = "u8"  # u8 (unsigned activations: fastest with ONNX Runtime on x86) or s8
@@ -76,7 +90,7 @@ class RunConfig:
     # runtime
     run_dir: str = "runs/demo"
     device: str = "auto"
-    timeout: float = 600.0  # seconds to wait for the replies of one exchange
+    timeout: float = 3600.0  # seconds to wait for one node's reply (long local training on a slow device takes a while)
     stop_after: str = ""  # stop after this phase (resume later with --resume)
 
     # ---- construction -------------------------------------------------------------
@@ -99,28 +113,7 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path, base: "RunConfig | None" = None) -> "RunConfig":
         path = Path(path)
-        if not path.is_file():
-            raise PapmError(f"config file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PapmError(f"config file {path} is not UTF-8 text; save it as UTF-8 TOML or YAML") from None
-        except OSError as e:
-            raise PapmError(f"cannot read config file {path} ({e.strerror}); check the path and its permissions") from None
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                import tomllib
-
-                data = tomllib.loads(text)
-        except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PapmError(f"cannot parse config file {path}: {first}") from None
-        if not isinstance(data, dict):
-            raise PapmError(f"config file {path} must hold a table of key = value pairs")
+        data = read_table_file(path, "config file", "a table of key = value pairs")
         # allow the pyproject-style nesting [tool.flwr.app.config] or a [papm] table
         for nest in (("tool", "flwr", "app", "config"), ("papm",)):
             d = data
@@ -155,6 +148,11 @@ class RunConfig:
         need(self.min_partition_size >= 1, f"min-partition-size must be >= 1, got {self.min_partition_size}")
         need(self.bn in ("recalibrate", "average", "local"), f"bn must be recalibrate, average or local, got {self.bn!r}")
         need(self.bn_samples >= 2, f"bn-samples must be >= 2, got {self.bn_samples}")
+        need(self.grouping in ("similarity", "random"), f"grouping must be similarity or random, got {self.grouping!r}")
+        need(self.baseline in BASELINES, f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        need(self.baseline != "one-model-total-budget" or self.devices * (1 - self.budget) < 1,
+             f"devices={self.devices} parts keeping {1 - self.budget:.0%} each are as large as the base together; the "
+             "one-model-total-budget baseline would be the unsplit base itself (lower devices or raise budget)")
         need(self.int8_activations in ("u8", "s8"), f"int8-activations must be u8 or s8, got {self.int8_activations!r}")
         need(self.finetune_nodes in ("all", "group"), f"finetune-nodes must be all or group, got {self.finetune_nodes!r}")
         need(self.partitioner in ("iid", "dirichlet", "by-group"), f"partitioner must be iid, dirichlet or by-group, got {self.partitioner!r}")
@@ -184,8 +182,24 @@ class RunConfig:
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         need(0.0 <= self.val_fraction < 0.5, f"val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        need(not self.level or (self.sparsity == "none" and self.weight_bits == 0),
+             f"level {self.level} sets sparsity and weight-bits itself; drop them (or drop level)")
+        c = self.compression()
+        check_compression(budget=c["budget"], criterion=self.criterion, schedule=self.schedule, steps=self.steps,
+                          step_epochs=self.step_epochs, data_free=self.data_free, sparsity=c["sparsity"],
+                          weight_bits=c["weight_bits"], weight_quant="rtn", level=self.level, finetunes=False,
+                          bn_recalibrate=False, kd=self.kd and self.data_free)
         need(self.stop_after in ("",) + PHASES, f"stop-after must be one of {', '.join(PHASES)}, got {self.stop_after!r}")
         return self
+
+    def compression(self) -> dict[str, Any]:
+        """The sparsity, budget and weight bits this run prunes with (a level resolved to its rung; budget None
+        where the mode sets its own: 2:4, or a level without unstructured sparsity)."""
+        if self.level in LEVELS:
+            rung = LEVELS[self.level]
+            return {"sparsity": rung.sparsity, "budget": rung.budget, "weight_bits": rung.weight_bits}
+        return {"sparsity": self.sparsity, "budget": None if self.sparsity == "2:4" else self.budget,
+                "weight_bits": self.weight_bits}
 
     def to_flower(self) -> dict[str, Any]:
         """Flat kebab-case dict of scalars (a Flower run config / ConfigRecord)."""
@@ -201,6 +215,34 @@ class RunConfig:
         return [k for k in a if k not in RUNTIME_ONLY and a[k] != b[k]]
 
 
+def read_table_file(path: Path, what: str, holds: str) -> dict:
+    """The top-level table of a TOML or YAML file (by suffix); every failure is one error naming ``what``."""
+    if not path.is_file():
+        raise PapmError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PapmError(f"{what} {path} is not UTF-8 text; save it as UTF-8 TOML or YAML") from None
+    except OSError as e:
+        raise PapmError(f"cannot read {what} {path} ({e.strerror}); check the path and its permissions") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PapmError(f"cannot parse {what} {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise PapmError(f"{what} {path} must hold {holds}")
+    return data
+
+
+BASELINES = ("none", "one-model-device-budget", "one-model-total-budget")
 PHASES = ("base", "statistics", "assignment", "prune", "export", "fusion", "evaluation", "bundle")
 
 

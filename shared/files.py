@@ -111,7 +111,11 @@ def replace_dir(staged: Path, target: Path) -> None:
     else:
         old = target.with_name(f".{target.name}.old-{secrets.token_hex(6)}")
         os.rename(target, old)
-        os.rename(staged, target)
+        try:
+            os.rename(staged, target)
+        except BaseException:
+            os.rename(old, target)  # the old result comes back where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     fsync_path(target.parent, directory=True)
 
@@ -132,3 +136,16 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 def atomic_write_json(path: Path | str, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_csv(path: Path | str, rows: list[dict]) -> Path:
+    """Rows of dicts as CSV; the columns are every key in first-seen order (a missing value is empty)."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -3,9 +3,10 @@
 An ImageFolder split (``ROOT/train`` or ``ROOT/test``, one folder per class) is decoded in
 parallel with a progress bar, then kept as one uint8 array file in the cache folder
 (``$PAPM_CACHE_DIR``, default ``~/.cache/papm/images``; ``PAPM_CACHE_DIR=off`` disables
-it). The cache key covers the folder, the class names, every file's relative path, size
-and modification time, the image size and channels, and the preprocessing version: a
-changed, added or removed file, or another size, decodes again. Cache files are written
+it). The cache key covers the folder, the class names, every file's relative path, size,
+modification and change times and inode, the image size and channels, the preprocessing
+version and Pillow's version: a changed, added or removed file (even one rewritten with
+its size and mtime kept), another size or another Pillow decodes again. Cache files are written
 atomically; a damaged one is decoded again and replaced.
 """
 
@@ -46,11 +47,13 @@ def list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
 
 def cache_key(folder: Path, classes: list[str], files: list[tuple[Path, int]], in_channels: int, image_size: int) -> str:
     h = hashlib.sha256()
+    import PIL
+
     h.update(json.dumps({"folder": str(folder.resolve()), "classes": classes, "channels": in_channels, "size": image_size,
-                         "version": PREPROCESS_VERSION}).encode())
+                         "version": PREPROCESS_VERSION, "pillow": PIL.__version__}).encode())
     for f, c in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(folder)}\0{c}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = f.stat()  # the change time and inode move on any rewrite, even one that keeps the size and mtime
+        h.update(f"{f.relative_to(folder)}\0{c}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
     return h.hexdigest()[:32]
 
 

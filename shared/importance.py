@@ -177,8 +177,10 @@ def make_importance(
     if criterion == "apoz":
         return PAPMImportance(apoz, names, alpha=0.0)
     if criterion == "l1":
-        # Filter L1 norm of the coupled convs, mean-normalised per group (Torch-Pruning's default).
-        return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer="mean", target_types=[nn.Conv2d])
+        # The classic filter-norm baseline, built to differ from PAPM only by the APoZ term: PAPM's own
+        # weight term (filter norm normalised per layer, coupled channels averaged), i.e. alpha = 1, so a
+        # difference between the two criteria is attributable to APoZ alone.
+        return PAPMImportance(None, names, alpha=1.0)
     if criterion == "random":
         return tp.importance.RandomImportance()
     raise PapmError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")

@@ -121,6 +121,8 @@ def partition(
     min_size: int = 1,
 ) -> list[np.ndarray]:
     """``min_size`` 0 allows empty partitions (a node's small evaluation split may be empty)."""
+    if len(labels) == 0 and min_size == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(num_nodes)]
     if method == "iid":
         return partition_iid(labels, num_nodes, seed, min_size)
     if method == "dirichlet":

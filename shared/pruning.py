@@ -116,7 +116,6 @@ def prune_to_budget(
     # Global ranking: (score, group, channel), lowest first; ties broken by position (deterministic).
     flat_scores = torch.cat([g.scores for g in groups])
     owner = torch.cat([torch.full((len(g.scores),), i, dtype=torch.long) for i, g in enumerate(groups)])
-    channel = torch.cat([torch.arange(len(g.scores)) for g in groups])
     order = torch.sort(flat_scores, stable=True).indices
     target_params = (1.0 - budget) * params_before
 

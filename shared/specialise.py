@@ -1,6 +1,15 @@
 """Class specialisation of a base model: APoZ on the group's data, PAPM pruning to a
 budget, fine-tuning from the base weights with the group's classes emphasised.
 
+The budget is reached in one cut (``schedule="oneshot"``) or in ``steps`` cuts
+(``"iterative"``): the kept fraction of the parameters shrinks geometrically, each
+step re-measures APoZ on the model as it now is (a removed channel changes what the
+next layer sees) and takes a short fine-tune, or only re-estimates BatchNorm
+(``step_epochs=0``), before the next cut. Surgery leaves BatchNorm running
+statistics that describe the unpruned network's activations; ``bn_recalibrate``
+re-estimates them on the group's data with no gradient step (the same
+``recalibrate_bn`` the federated run uses, fed from one place here).
+
 Pure PyTorch: the CLI (`papm prune`) and the Flower client both call these pieces.
 """
 
@@ -8,11 +17,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
+from .bn import recalibrate_bn
+from .compression import masks_kept, quantize_weights, size_report, sparsity_masks
+from .compression_options import LEVELS, check_compression
+from .restore import restore_after_pruning
+from .sparsity import MaskKeeper
 from .datasets import DatasetInfo, DataSplits, ImageSet
 from .errors import PapmError
 from .importance import CRITERIA, ActivationCounts, count_zero_activations, make_importance
@@ -25,7 +39,7 @@ EMPHASIS_MODES = ("loss", "sampling")
 
 @dataclass
 class PruneSettings:
-    budget: float
+    budget: float | None  # fraction of parameters to remove (sparsity "unstructured": of conv/linear weights to zero)
     criterion: str = "papm"
     alpha: float = 0.5
     round_to: int = 1
@@ -35,11 +49,27 @@ class PruneSettings:
     kd: bool = False
     kd_weight: float = 0.5
     kd_temperature: float = 4.0
+    schedule: str = "oneshot"  # one cut, or `steps` cuts with APoZ re-measured in between
+    steps: int = 3  # cuts of the iterative schedule (one-shot: one cut)
+    step_epochs: int = 1  # fine-tuning epochs between two cuts (0: BatchNorm re-estimation only)
+    bn_recalibrate: bool = True  # re-estimate BatchNorm statistics after every cut (no gradient step)
+    data_free: bool = False  # no data at all: weights-only cut, removed channels folded into the next layer
+    sparsity: str = "none"  # none (channel pruning) | unstructured | 2:4: zero single weights instead
+    weight_bits: int = 0  # after fine-tuning, fake-quantise weights to this many bits (0: keep fp32)
+    weight_quant: str = "rtn"  # rtn | gptq
+    level: int = 0  # 1..5: a rung of the compression ladder (sets sparsity and weight bits), 0: none
     finetune: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=5, lr=0.02, warmup=0.1))
 
     def validate(self) -> "PruneSettings":
-        if not 0.0 < self.budget < 1.0:
-            raise PapmError(f"--budget must be in (0, 1) (the fraction of parameters to remove), got {self.budget}")
+        self._resolve_level()
+        if self.sparsity == "2:4" and self.budget is not None and not self.level:
+            raise PapmError("2:4 sparsity zeroes half the weights by construction; drop --budget")
+        if self.budget is None and self.sparsity == "none" and not self.level:  # level 1 quantises and cuts nothing
+            raise PapmError("--budget is required: the fraction of parameters to remove, e.g. --budget 0.77")
+        check_compression(budget=self.budget, criterion=self.criterion, schedule=self.schedule, steps=self.steps,
+                          step_epochs=self.step_epochs, data_free=self.data_free, sparsity=self.sparsity,
+                          weight_bits=self.weight_bits, weight_quant=self.weight_quant, level=self.level,
+                          finetunes=self.finetune.epochs > 0, bn_recalibrate=self.bn_recalibrate, kd=self.kd)
         if self.criterion not in CRITERIA:
             raise PapmError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -58,6 +88,41 @@ class PruneSettings:
             raise PapmError(f"--round-to must be >= 1, got {self.round_to}")
         self.finetune.validate()
         return self
+
+    def _resolve_level(self) -> None:
+        if self.level == 0:
+            return
+        if self.level not in LEVELS:
+            raise PapmError(f"level must be 1..{max(LEVELS)}, got {self.level}")
+        rung = LEVELS[self.level]
+        budget = rung.budget
+        if (self.sparsity, self.weight_bits, self.weight_quant, self.budget) == (rung.sparsity, rung.weight_bits,
+                                                                                  rung.weight_quant, budget):
+            return  # resolved before
+        if self.sparsity != "none" or self.weight_bits or self.budget is not None:
+            raise PapmError(f"--level {self.level} sets the sparsity and the weight bits itself; "
+                            "drop --budget, --sparsity and --weight-bits")
+        self.sparsity, self.weight_bits, self.weight_quant, self.budget = (rung.sparsity, rung.weight_bits,
+                                                                           rung.weight_quant, budget)
+
+
+def describe(settings: PruneSettings) -> str:
+    """What a settings object does, in one line (printed by `papm prune`)."""
+    if settings.sparsity == "2:4":
+        what = "2:4 sparsity (2 of every 4 weights zero)"
+    elif settings.sparsity == "unstructured":
+        what = f"zero the {settings.budget:.0%} smallest conv weights"
+    elif settings.budget is None:
+        what = "keep every channel"
+    else:
+        criterion = {"papm": f"papm, alpha={settings.alpha:g}", "l1": "l1: filter norms", "apoz": "apoz",
+                     "random": "random"}.get(settings.criterion, settings.criterion)
+        what = (f"remove {settings.budget:.0%} of the parameters ({criterion}"
+                + (f", {settings.steps} steps" if settings.schedule == "iterative" else "")
+                + (", data-free restoration" if settings.data_free else "") + ")")
+    if settings.weight_bits:
+        what += f", then {settings.weight_bits}-bit weights ({settings.weight_quant})"
+    return what + (f" [level {settings.level}]" if settings.level else "")
 
 
 def parse_classes(text: str | list, info: DatasetInfo) -> list[int]:
@@ -154,6 +219,66 @@ def prune_model(
     return result, args
 
 
+def step_targets(params_before: int, budget: float, steps: int) -> list[float]:
+    """Parameter counts to reach after each cut: the kept fraction shrinks geometrically, so every step
+    removes the same share of what is left, ending at ``(1 - budget) * params_before``."""
+    return [params_before * (1.0 - budget) ** ((i + 1) / steps) for i in range(steps)]
+
+
+def _recover(model: nn.Module, splits: DataSplits, classes: list[int], settings: PruneSettings, epochs: int,
+             device, progress, desc: str, teacher: nn.Module | None) -> list[dict]:
+    """Fine-tune the pruned model for ``epochs`` with the group's classes emphasised."""
+    info = splits.info
+    weights = group_weights(info.num_classes, classes, settings.emphasis)
+    return fit(
+        model, splits.train, info, replace(settings.finetune, epochs=epochs), device, val=splits.val,
+        class_weights=weights if settings.emphasis_mode == "loss" else None,
+        sample_weights=weights[splits.train.y] if settings.emphasis_mode == "sampling" else None,
+        teacher=teacher, kd_weight=settings.kd_weight, kd_temperature=settings.kd_temperature,
+        progress=progress, desc=desc,
+    )
+
+
+def _cut_channels(model: nn.Module, args: dict, params_before: int, splits: DataSplits, classes: list[int],
+                  settings: PruneSettings, device, progress, teacher) -> tuple[dict, list[dict], int | None]:
+    """The channel cuts of the schedule (one, or ``steps``); returns (model_args, one row per cut, APoZ samples)."""
+    info = splits.info
+    rows, apoz_used = [], None
+    targets = step_targets(params_before, settings.budget, settings.steps if settings.schedule == "iterative" else 1)
+    for i, target in enumerate(targets):
+        counts = None
+        if settings.criterion in ("papm", "apoz"):  # APoZ of the model as it is now, not of the base
+            apoz_data = apoz_subset(splits.train, classes, settings.apoz_samples, settings.finetune.seed)
+            counts, apoz_used = count_zero_activations(model, apoz_data, info, device), len(apoz_data)
+        original = copy.deepcopy(model) if settings.data_free else None
+        step_budget = settings.budget if len(targets) == 1 else 1.0 - target / sum(p.numel() for p in model.parameters())
+        result, args = prune_model(model, args, info, replace(settings, budget=step_budget), counts,
+                                   seed=settings.finetune.seed + i)
+        if original is not None:  # fold the removed channels into the next layers: weights only, no data
+            example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+            restore_after_pruning(original, model, result.kept, example)
+        row = {"step": i + 1, "params": result.params_after, "reduction": round(1.0 - result.params_after / params_before, 6)}
+        rows.append(_after_cut(model, row, splits, classes, settings, device, seed=settings.finetune.seed + i))
+        if i + 1 < len(targets) and settings.step_epochs > 0:
+            _recover(model, splits, classes, settings, settings.step_epochs, device, progress, f"step {i + 1} fine-tune", teacher)
+            model.cpu()
+            step = accuracy_summary(model, splits.test, info, classes, device)
+            row.update(after_step_finetune_group=step["group"], after_step_finetune_all=step["all"])
+    return args, rows, apoz_used
+
+
+def _after_cut(model: nn.Module, row: dict, splits: DataSplits, classes: list[int], settings: PruneSettings, device,
+               seed: int) -> dict:
+    """Accuracy right after a cut, and after BatchNorm re-estimation when that is on."""
+    cut = accuracy_summary(model, splits.test, splits.info, classes, device)
+    row.update(after_cut_group=cut["group"], after_cut_all=cut["all"])
+    if settings.bn_recalibrate:
+        recalibrate_bn(model, splits.train, splits.info, device, settings.finetune.batch_size, seed)
+        bn = accuracy_summary(model, splits.test, splits.info, classes, device)
+        row.update(after_bn_group=bn["group"], after_bn_all=bn["all"])
+    return row
+
+
 def specialise(
     base: nn.Module,
     base_args: dict,
@@ -163,61 +288,81 @@ def specialise(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
 ) -> tuple[nn.Module, dict, dict]:
-    """APoZ -> prune -> fine-tune. Returns (pruned model, its model_args, report dict)."""
+    """APoZ -> prune (channels in one cut or ``steps``; or single weights) -> fine-tune -> low-bit weights.
+
+    Returns (compressed model, its model_args, report dict). The test split only measures."""
     settings.validate()
     info = splits.info
     t0 = time.perf_counter()
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
     macs_before, params_before = macs_and_params(base.cpu(), example)
-    counts, apoz_data = None, None
-    if settings.criterion in ("papm", "apoz"):
-        apoz_data = apoz_subset(splits.train, classes, settings.apoz_samples, settings.finetune.seed)
-        counts = count_zero_activations(base, apoz_data, info, device)
-    model = copy.deepcopy(base).cpu()
-    result, args = prune_model(model, base_args, info, settings, counts, seed=settings.finetune.seed)
+    teacher = copy.deepcopy(base) if settings.kd else None
+    model, args, keeper, apoz_used = copy.deepcopy(base).cpu(), base_args, None, None
+    if settings.sparsity != "none":  # single weights instead of channels: shapes stay
+        keeper = MaskKeeper(model, sparsity_masks(model, settings.sparsity, settings.budget))
+        nonzero = size_report(model)["nonzero_params"]
+        steps = [_after_cut(model, {"step": 1, "params": nonzero, "reduction": round(1.0 - nonzero / params_before, 6)},
+                            splits, classes, settings, device, settings.finetune.seed)]
+    elif settings.budget is not None:
+        args, steps, apoz_used = _cut_channels(model, base_args, params_before, splits, classes, settings, device,
+                                               progress, teacher)
+    else:  # a compression level that only quantises
+        steps = [_after_cut(model, {"step": 1, "params": params_before, "reduction": 0.0}, splits, classes,
+                            settings, device, settings.finetune.seed)]
     macs_after, params_after = macs_and_params(model, example)
-    before = accuracy_summary(model, splits.test, info, classes, device)
-    weights = group_weights(info.num_classes, classes, settings.emphasis)
-    history = fit(
-        model,
-        splits.train,
-        info,
-        settings.finetune,
-        device,
-        val=splits.val,
-        class_weights=weights if settings.emphasis_mode == "loss" else None,
-        sample_weights=weights[splits.train.y] if settings.emphasis_mode == "sampling" else None,
-        teacher=copy.deepcopy(base) if settings.kd else None,
-        kd_weight=settings.kd_weight,
-        kd_temperature=settings.kd_temperature,
-        progress=progress,
-        desc="fine-tune",
-    )
+    history = []
+    if not settings.data_free:
+        with masks_kept(keeper):
+            history = _recover(model, splits, classes, settings, settings.finetune.epochs, device, progress, "fine-tune", teacher)
     model = model.cpu().eval()
     after = accuracy_summary(model, splits.test, info, classes, device)
+    steps[-1].update(after_finetune_group=after["group"], after_finetune_all=after["all"])
     base_acc = accuracy_summary(base, splits.test, info, classes, device)
+    last = steps[-1]
+    accuracy = {
+        "base": {"all": base_acc["all"], "group": base_acc["group"]},
+        "before_finetune": {"all": last["after_cut_all"], "group": last["after_cut_group"]},
+    }
+    if settings.bn_recalibrate:
+        accuracy["after_bn_recalibrate"] = {"all": last["after_bn_all"], "group": last["after_bn_group"]}
+    accuracy["after_finetune"] = {"all": after["all"], "group": after["group"]}
+    quant = None
+    if settings.weight_bits:
+        quant = quantize_weights(model, settings.weight_bits, settings.weight_quant,
+                                 None if settings.data_free else splits.train.of_classes(classes), info,
+                                 seed=settings.finetune.seed)
+        q = accuracy_summary(model.eval(), splits.test, info, classes, device)
+        accuracy["after_weight_quant"] = {"all": q["all"], "group": q["group"]}
+        after = q
+    size = size_report(model)
     report = {
         "classes": classes,
         "class_names": [info.class_names[c] for c in classes],
         "params_before": params_before,
         "params_after": params_after,
-        "reduction": round(1.0 - params_after / params_before, 6),
+        "nonzero_params": size["nonzero_params"],
+        "reduction": round(1.0 - (params_after if settings.sparsity == "none" else size["nonzero_params"]) / params_before, 6),
         "target": settings.budget,
-        "criterion": settings.criterion,
+        "criterion": settings.criterion if settings.sparsity == "none" and settings.budget is not None else None,
         "alpha": settings.alpha,
         "round_to": settings.round_to,
-        "kept_channels": result.channels,
+        "schedule": settings.schedule,
+        "steps": steps,
+        "step_epochs": settings.step_epochs if settings.schedule == "iterative" else None,
+        "bn_recalibrate": settings.bn_recalibrate,
+        "data_free": settings.data_free,
+        "sparsity": settings.sparsity,
+        "level": settings.level or None,
+        "weights": quant or {"weight_bits": 32},
+        "size": size,
+        "kept_channels": args["channels"],
         "base_channels": base_args["channels"],
         "macs_before": macs_before,
         "macs_after": macs_after,
         "accuracy_split": "test",
-        "accuracy": {
-            "base": {"all": base_acc["all"], "group": base_acc["group"]},
-            "before_finetune": {"all": before["all"], "group": before["group"]},
-            "after_finetune": {"all": after["all"], "group": after["group"]},
-        },
+        "accuracy": accuracy,
         "per_class_accuracy_after": {info.class_names[c]: a for c, a in after["per_class"].items()},
-        "apoz_samples": None if apoz_data is None else len(apoz_data),
+        "apoz_samples": apoz_used,
         "finetune": {**asdict(settings.finetune), "emphasis": settings.emphasis, "emphasis_mode": settings.emphasis_mode,
                      "kd": settings.kd, "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature},
         "history": history,

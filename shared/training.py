@@ -64,6 +64,15 @@ class TrainSettings:
         return factor
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch over n samples; a last batch of a single sample joins the one before
+    it, because BatchNorm in training mode cannot normalise one value per channel (a 1x1 feature map)."""
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,8 +183,9 @@ def fit(
     """
     settings.validate()
     device = torch.device(device)
-    if len(train) == 0:
-        raise PapmError("no training samples; check the dataset and the class selection")
+    if len(train) < 2:
+        raise PapmError(f"{len(train)} training sample(s); training needs at least 2 (BatchNorm); check the dataset and "
+                        "the class selection")
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     channels_last = use_channels_last(model, device)
@@ -211,10 +221,10 @@ def fit(
             order = torch.randperm(n, generator=gen)
         order = order.to(device)
         seen, loss_sum, correct = 0, 0.0, 0
-        for i in range(0, n, settings.batch_size):
+        for start, stop in batch_bounds(n, settings.batch_size):
             if step == total:
                 break
-            idx = order[i : i + settings.batch_size]
+            idx = order[start:stop]
             xb = normalise(augment(x_all[idx], info, gen), info).contiguous(memory_format=memory_format)
             yb = y_all[idx]
             with _autocast(device):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ def backend_config(cfg: RunConfig) -> tuple[dict, int]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), children first."""
+    """Every process below ``pid`` (Linux /proc), parents before their children."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
@@ -49,14 +50,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def stop_on_interrupt(run_dir: Path) -> None:
-    """Ctrl-C (or SIGTERM) ends a simulation at once: Flower's engine would wait for its threads and
-    its Ray workers. Every finished output is already on the disk (written atomically, the rounds of
-    the running phase included), so the processes below this one are killed and the process exits;
-    `--resume` continues at the round it was in."""
+@contextlib.contextmanager
+def stop_on_interrupt(run_dir: Path):
+    """While the simulation runs, Ctrl-C (or SIGTERM) ends it at once: Flower's engine would wait for its
+    threads and its Ray workers. Every finished output is already on the disk (written atomically, the
+    rounds of the running phase included), so the processes below this one are killed and the process
+    exits; the same command with `--resume` continues at the round it was in. The previous handlers
+    come back afterwards."""
     def handler(signum, _frame):
-        print(f"\ninterrupted; finished outputs are kept in {run_dir}; continue with "
-              f"`papm simulate --run-dir {run_dir} --resume`", file=sys.stderr, flush=True)
+        print(f"\ninterrupted; finished outputs are kept in {run_dir}; run the same command with --resume to continue",
+              file=sys.stderr, flush=True)
         for pid in descendants(os.getpid()):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -64,9 +67,15 @@ def stop_on_interrupt(run_dir: Path) -> None:
                 pass
         os._exit(130)
 
-    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class _RunSimulationNotice(logging.Filter):
@@ -121,11 +130,10 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     from ..server.server_app import build_server_app
 
     t0 = time.perf_counter()
-    stop_on_interrupt(run.path)
     quiet = _RunSimulationNotice()
     flower_logger = logging.getLogger("flwr")
     flower_logger.addFilter(quiet)  # papm simulate is the user's command; Flower's note about its own API is not theirs
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stop_on_interrupt(run.path):
         warnings.simplefilter("ignore")
         try:
             backend, parallel = backend_config(cfg)

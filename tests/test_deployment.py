@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the project folder `flwr run .` pa
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode live beside python
 # The shortest useful run (the brief's fast overrides).
 DEPLOY_INIT = ("-m", "papm.cli", "deploy", "init")  # `papm deploy init`, run with this interpreter
-FAST = "base-rounds=1 fusion-rounds=1 base-epochs=1 finetune-epochs=1 fusion-epochs=1 timeout=120"
+FAST = "base-rounds=1 fusion-rounds=1 base-epochs=1 finetune-epochs=1 finetune-rounds=1 fusion-epochs=1 timeout=120"
 
 
 def free_port() -> int:

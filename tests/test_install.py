@@ -60,15 +60,20 @@ def test_a_node_only_install_runs_the_clientapp(tmp_path):
     assert r.stdout.strip().splitlines()[-1] == "ok []"
 
 
-def test_doctor_names_a_missing_package_and_its_fix(monkeypatch):
+def _uninstall(monkeypatch, package: str) -> None:
+    """Make importlib.metadata report ``package`` as not installed (for doctor's checks)."""
     real = doctor.metadata.version
 
     def version(name):
-        if name.lower() == "scipy":
+        if name.lower() == package:
             raise doctor.metadata.PackageNotFoundError(name)
         return real(name)
 
     monkeypatch.setattr(doctor.metadata, "version", version)
+
+
+def test_doctor_names_a_missing_package_and_its_fix(monkeypatch):
+    _uninstall(monkeypatch, "scipy")
     text, ok = doctor.report("coordinator")
     assert not ok
     lines = text.splitlines()
@@ -78,6 +83,15 @@ def test_doctor_names_a_missing_package_and_its_fix(monkeypatch):
     assert 'pip install "papm-fl[coordinator]"' in text
     text, ok = doctor.report("node")  # the node role does not need scipy
     assert ok
+
+
+def test_doctor_checks_the_extras_a_requirement_names(monkeypatch):
+    """flwr is installed but Ray (its [simulation] extra) is not: the coordinator is not ready."""
+    _uninstall(monkeypatch, "ray")
+    assert doctor.check("flwr>=1.41") is None
+    assert doctor.check("flwr[simulation]>=1.41") == "its [simulation] extra lacks ray"
+    text, ok = doctor.report("coordinator")
+    assert not ok and "lacks ray" in text
 
 
 def test_doctor_exit_code_follows_the_named_role():

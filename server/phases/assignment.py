@@ -1,8 +1,9 @@
 """Phase 2, assignment: which node serves which device group.
 
-The groups for K = ``devices`` come from the class statistics (``class_stats.pt``); each
-node goes to the group whose classes make up most of its training data, every group
-served by floor(N/K) or ceil(N/K) nodes. Output: ``groups/assignment.json`` (and the
+The groups for K = ``devices`` come from the class statistics (``class_stats.pt``), or, as
+baselines, from a seeded random split (``grouping=random``) or one group of every class
+(``baseline=one-model-*``); each node goes to the group whose classes make up most of its
+training data, every group served by floor(N/K) or ceil(N/K) nodes. Output: ``groups/assignment.json`` (and the
 report page with the run's section).
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 from flwr.common.logger import log
 from scipy.optimize import linear_sum_assignment
 
-from ...deploy.group_report import write_group_report
+from ...deploy.group_report import write_assignment, write_group_report
 from ...shared.errors import PapmError
 from ...shared.grouping import analyse_stats
 
@@ -51,20 +52,36 @@ def assign_nodes(class_counts: dict[int, np.ndarray], groups: list[list[int]]) -
     return {nodes[r]: slots[c] for r, c in zip(rows, cols)}
 
 
+def random_groups(num_classes: int, k: int, seed: int) -> list[list[int]]:
+    """K groups of sizes floor/ceil(C/K) from a seeded permutation of the classes (the random-grouping baseline)."""
+    order = np.random.default_rng(seed).permutation(num_classes)
+    return sorted((sorted(int(c) for c in part) for part in np.array_split(order, k)), key=lambda g: g[0])
+
+
 def run(d: RunDriver) -> None:
     d.rd.rewind_metrics({"assignment": None})
+    cfg = d.cfg
     _, info, _ = d.rd.load_base()
-    analysis = analyse_stats(d.rd.load_class_stats(), info.class_names, d.cfg.similarity, d.cfg.outputs, d.cfg.balanced)
+    analysis = analyse_stats(d.rd.load_class_stats(), info.class_names, cfg.similarity, cfg.outputs, cfg.balanced)
     stats_nodes = [m["nodes"] for m in d.rd.metrics() if m.get("phase") == "statistics"]
     analysis.extra.update({"split": "train", **({"nodes": stats_nodes[-1]} if stats_nodes else {})})
-    k = d.cfg.devices
-    groups = analysis.partitions[k]
     by_pid = {v["partition_id"]: np.asarray(v["class_counts"]) for v in d.nodes.values()}
+    if cfg.baseline != "none":  # one model for all classes, worked on by every node
+        how, groups = cfg.baseline, [list(range(info.num_classes))]
+    elif cfg.grouping == "random":
+        how, groups = "random", random_groups(info.num_classes, cfg.devices, cfg.seed)
+    else:
+        how, groups = "similarity", analysis.partitions[cfg.devices]
     mapping = assign_nodes(by_pid, groups)
     nodes = [{"node": pid, "partition_id": pid, "group": g, "class_counts": [int(x) for x in by_pid[pid]]}
              for pid, g in sorted(mapping.items())]
-    write_group_report(d.rd.path / "groups", analysis, {"chosen_k": k, "nodes": nodes})
-    d.rd.log_metrics("assignment", k=k, nodes=len(mapping),
+    if how == "similarity":
+        write_group_report(d.rd.path / "groups", analysis, {"chosen_k": cfg.devices, "nodes": nodes})
+    else:  # the report shows the similarity groups for every K; the run's own groups are in assignment.json
+        write_group_report(d.rd.path / "groups", analysis)
+        write_assignment(d.rd.path / "groups", groups, info.class_names, nodes, how)
+    k = len(groups)
+    d.rd.log_metrics("assignment", k=k, grouping=how, nodes=len(mapping),
                      nodes_per_group=[sum(1 for gg in mapping.values() if gg == g) for g in range(k)])
     for g in range(k):
         members = [p for p, gg in mapping.items() if gg == g]

@@ -15,6 +15,13 @@ its share of the group's weighted objective. Afterwards each model's BatchNorm s
 exactly from its nodes' data (``bn-recalibrate``). The pruned models are saved right after
 pruning and after every round (``progress/prune.pt``): a killed run resumes at the round it
 was in. Outputs: ``devices/device-k/pruned.pt`` and ``prune.json``.
+
+The compression options (``compression_options.py``) change the cut, not the rounds:
+``schedule=iterative`` makes ``steps`` cuts, each group's APoZ re-measured on the nodes on its
+current model, with one FedAvg round of ``step-epochs`` (or BatchNorm re-estimation only)
+between cuts; ``data-free`` cuts by weights alone and restores the removed channels in the next
+layers, with no fine-tuning; ``sparsity`` zeroes single weights instead (the nodes keep zeros
+zero while fine-tuning); ``weight-bits`` rounds the fine-tuned weights per output channel.
 """
 
 from __future__ import annotations
@@ -32,16 +39,34 @@ from flwr.common.logger import log
 from ...client.records import record_state
 from ...shared.checkpoint import save_checkpoint
 from ...shared.errors import PapmError
-from ...shared.files import atomic_write_json
+from ...shared.files import atomic_write_csv, atomic_write_json
+from ...shared.compression import quantize_weights, size_report, sparsity_masks
 from ...shared.importance import ActivationCounts
 from ...shared.models import build_model
 from ...shared.pruning import macs_and_params
-from ...shared.specialise import PruneSettings, prune_model
+from ...shared.restore import restore_after_pruning
+from ...shared.sparsity import apply_masks
+from ...shared.specialise import PruneSettings, prune_model, step_targets
 from ...shared.training import evaluate
 from ..fedavg import weighted_average
 
 if TYPE_CHECKING:
     from ..driver import RunDriver
+
+
+def target_budget(cfg) -> float | None:
+    """The fraction of parameters each model loses: ``budget``, or for the one-model baseline at the K parts'
+    total size, 1 - K x (1 - budget) (K parts keeping 23% each = one model keeping K x 23%); None where the
+    compression mode sets its own (2:4 sparsity, a level without unstructured sparsity)."""
+    budget = cfg.compression()["budget"]
+    if budget is not None and cfg.baseline == "one-model-total-budget":
+        return 1.0 - cfg.devices * (1.0 - budget)
+    return budget
+
+
+def cuts(cfg) -> int:
+    """How many cuts the run makes: ``steps`` channel cuts with the iterative schedule, else one."""
+    return cfg.steps if cfg.schedule == "iterative" else 1
 
 
 def job_key(g: int) -> str:
@@ -56,13 +81,15 @@ def workers(d: RunDriver, assignment: dict) -> dict[str, list[int]]:
     return {job_key(g): ns for g, ns in members.items()}
 
 
-def group_apoz_counts(d: RunDriver, base, base_args, info, assignment: dict) -> tuple[dict, dict]:
-    """Group -> summed APoZ counts, and group -> how many nodes had samples of its classes."""
+def group_apoz_counts(d: RunDriver, base, base_args, info, assignment: dict, models: dict | None = None) -> tuple[dict, dict]:
+    """Group -> summed APoZ counts (of the base, or of each group's current model ``models[g]`` = (model, args)),
+    and group -> how many nodes had samples of its classes."""
     groups = assignment["groups"]
     holders = workers(d, assignment)
-    jobs = {job_key(g): {"classes": groups[g]} for g in range(len(groups))}
-    papm, arrays = d.model_payload(base, base_args)
-    requests = d.job_requests(holders, {}, {**papm, "data-info": info.to_dict()}, arrays, jobs)
+    jobs = {job_key(g): {"classes": groups[g], "own-model": models is not None} for g in range(len(groups))}
+    papm, arrays = d.model_payload(base, base_args) if models is None else ({}, {})
+    own = {job_key(g): models[g] for g in range(len(groups))} if models is not None else {}
+    requests = d.job_requests(holders, own, {**papm, "data-info": info.to_dict()}, arrays, jobs)
     replies = d.send("prune", "query.apoz", requests)
     counts = {g: ActivationCounts() for g in range(len(groups))}
     contributed = {g: 0 for g in range(len(groups))}
@@ -79,22 +106,25 @@ def group_apoz_counts(d: RunDriver, base, base_args, info, assignment: dict) -> 
     return counts, contributed
 
 
-def finetune_steps(cfg, total_examples: int) -> int:
+def finetune_steps(cfg, total_examples: int, epochs: float | None = None, rounds: int | None = None) -> int:
     """Local SGD steps per round: ``finetune-epochs`` passes over all nodes' training data together, split
     over the rounds. Every node that works on a group's model takes that many steps, so the model takes as
     many sequential steps as fine-tuning on all the data in one place would, whatever the nodes' shares."""
-    return max(1, math.ceil(cfg.finetune_epochs * total_examples / (cfg.batch_size * cfg.finetune_rounds)))
+    epochs = cfg.finetune_epochs if epochs is None else epochs
+    rounds = cfg.finetune_rounds if rounds is None else rounds
+    return math.ceil(epochs * total_examples / (cfg.batch_size * rounds))
 
 
-def save_progress(d: RunDriver, rnd: int, models: dict, args: dict, apoz_nodes: dict) -> None:
-    """The pruned models after fine-tuning round ``rnd`` (0: right after pruning) and what rebuilds them."""
-    d.rd.save_progress("prune", {"round": rnd, "args": json.dumps({str(g): a for g, a in args.items()}),
+def save_progress(d: RunDriver, rnd: int, done: int, models: dict, args: dict, apoz_nodes: dict) -> None:
+    """The models after ``done`` cuts and fine-tuning round ``rnd`` (0: right after the last cut), and what
+    rebuilds them."""
+    d.rd.save_progress("prune", {"round": rnd, "cuts": done, "args": json.dumps({str(g): a for g, a in args.items()}),
                                  "apoz_nodes": json.dumps({str(g): n for g, n in apoz_nodes.items()}),
                                  "models": {str(g): m.state_dict() for g, m in models.items()}})
 
 
-def resume_progress(d: RunDriver) -> tuple[int, dict, dict, dict] | None:
-    """(round, models, args, apoz_nodes) of a killed run, or None."""
+def resume_progress(d: RunDriver) -> tuple[int, int, dict, dict, dict] | None:
+    """(round, cuts done, models, args, apoz_nodes) of a killed run, or None."""
     progress = d.rd.load_progress("prune")
     if not progress:
         return None
@@ -104,36 +134,53 @@ def resume_progress(d: RunDriver) -> tuple[int, dict, dict, dict] | None:
         models[g] = build_model(a)
         models[g].load_state_dict(progress["models"][str(g)])
     apoz_nodes = {int(g): n for g, n in json.loads(progress["apoz_nodes"]).items()}
-    return int(progress["round"]), models, args, apoz_nodes
+    done = int(progress.get("cuts", cuts(d.cfg)))  # a file from before iterative schedules held the one cut
+    return int(progress["round"]), done, models, args, apoz_nodes
+
+
+def finetune_round(d: RunDriver, models: dict, args: dict, teacher: tuple, info, assignment: dict, rnd: int,
+                   rounds: int, epochs: float) -> int:
+    """One FedAvg round of fine-tuning for every group's model at once (``rnd`` of ``rounds`` of one learning-rate
+    schedule over ``epochs`` passes); returns how many nodes answered."""
+    cfg, groups = d.cfg, assignment["groups"]
+    holders = workers(d, assignment)
+    steps = finetune_steps(cfg, sum(v["num_examples"] for v in d.nodes.values()), epochs, rounds)
+    keep_zeros = cfg.compression()["sparsity"] != "none"  # sparse models: the nodes keep zero weights zero
+    jobs = {job_key(g): {"classes": groups[g], "round": rnd, "rounds": rounds, "steps": steps, "keep-zeros": keep_zeros}
+            for g in range(len(groups))}
+    models_by_key = {job_key(g): (models[g], args[g]) for g in range(len(groups))}
+    requests = d.job_requests(holders, models_by_key, {**teacher[0], "data-info": info.to_dict()}, teacher[1], jobs)
+    replies = d.send("prune", "train.finetune", requests)
+    for g in range(len(groups)):
+        key = job_key(g)
+        got = [n for n in holders[key] if n in replies]
+        if not got:
+            raise PapmError(f"device group {g} lost every node while fine-tuning; bring one back and continue with --resume")
+        results = [json.loads(replies[n]["results"][key]) for n in got]
+        weights = [r["weight"] for r in results]
+        if sum(weights) <= 0:
+            weights = [r["num-examples"] for r in results]
+        models[g].load_state_dict(weighted_average([record_state(replies[n][key]) for n in got], weights))
+    return len(replies)
+
+
+def recalibrate(d: RunDriver, models: dict, args: dict, info, assignment: dict) -> None:
+    groups = assignment["groups"]
+    d.recalibrate_bn("prune", {job_key(g): (models[g], args[g]) for g in range(len(groups))}, workers(d, assignment), info)
 
 
 def finetune(d: RunDriver, models: dict, args: dict, base, base_args, info, assignment: dict, apoz_nodes: dict,
              start: int = 0) -> None:
     """``finetune-rounds`` rounds of FedAvg for every group's model at once (one exchange per round),
     from round ``start``; the models are saved after every round."""
-    cfg, groups = d.cfg, assignment["groups"]
+    cfg = d.cfg
     teacher = d.model_payload(base, base_args, "teacher") if cfg.kd else ({}, {})
     for rnd in range(start, cfg.finetune_rounds):
-        holders = workers(d, assignment)
-        steps = finetune_steps(cfg, sum(v["num_examples"] for v in d.nodes.values()))
-        jobs = {job_key(g): {"classes": groups[g], "round": rnd, "steps": steps} for g in range(len(groups))}
-        models_by_key = {job_key(g): (models[g], args[g]) for g in range(len(groups))}
-        requests = d.job_requests(holders, models_by_key, {**teacher[0], "data-info": info.to_dict()}, teacher[1], jobs)
-        replies = d.send("prune", "train.finetune", requests)
-        for g in range(len(groups)):
-            key = job_key(g)
-            got = [n for n in holders[key] if n in replies]
-            if not got:
-                raise PapmError(f"device group {g} lost every node while fine-tuning; bring one back and continue with --resume")
-            results = [json.loads(replies[n]["results"][key]) for n in got]
-            weights = [r["weight"] for r in results]
-            if sum(weights) <= 0:
-                weights = [r["num-examples"] for r in results]
-            models[g].load_state_dict(weighted_average([record_state(replies[n][key]) for n in got], weights))
-        d.rd.log_metrics("finetune", round=rnd + 1, nodes=len(replies))
-        save_progress(d, rnd + 1, models, args, apoz_nodes)
+        answered = finetune_round(d, models, args, teacher, info, assignment, rnd, cfg.finetune_rounds, cfg.finetune_epochs)
+        d.rd.log_metrics("finetune", round=rnd + 1, nodes=answered)
+        save_progress(d, rnd + 1, cuts(cfg), models, args, apoz_nodes)
     if cfg.bn_recalibrate:
-        d.recalibrate_bn("prune", {job_key(g): (models[g], args[g]) for g in range(len(groups))}, workers(d, assignment), info)
+        recalibrate(d, models, args, info, assignment)
 
 
 def run(d: RunDriver) -> None:
@@ -142,58 +189,125 @@ def run(d: RunDriver) -> None:
     assignment = d.rd.load_assignment()
     groups = assignment["groups"]
     resumed = resume_progress(d)
-    if resumed:  # a killed run: pruning and the finished fine-tuning rounds are kept
-        start, models, args, apoz_nodes = resumed
-        log(INFO, "prune: resuming after fine-tuning round %d of %d", start, cfg.finetune_rounds)
-        d.rd.rewind_metrics({"finetune": start})
+    if resumed:  # a killed run: the cuts and the finished fine-tuning rounds are kept
+        start, done, models, args, apoz_nodes = resumed
+        log(INFO, "prune: resuming after cut %d of %d, fine-tuning round %d of %d", done, cuts(cfg), start,
+            cfg.finetune_rounds)
+        d.rd.rewind_metrics({"prune": done, "prune-recovery": done, "finetune": start})
     else:
-        d.rd.rewind_metrics({"prune": None, "finetune": None})
-        start, models, args, apoz_nodes = 0, *prune_groups(d, base, base_args, info, assignment)
-        save_progress(d, 0, models, args, apoz_nodes)
-    finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start)
-    write_outputs(d, models, args, base, info, groups, apoz_nodes)
+        d.rd.rewind_metrics({"prune": None, "prune-recovery": None, "finetune": None})
+        start, done = 0, 0
+        models = {g: copy.deepcopy(base).cpu() for g in range(len(groups))}
+        args = {g: base_args for g in range(len(groups))}
+        apoz_nodes = {g: 0 for g in range(len(groups))}
+    while done < cuts(cfg):
+        apoz_nodes = cut(d, models, args, base, base_args, info, assignment, done)
+        done += 1
+        if done < cuts(cfg):  # between two cuts of the iterative schedule: a short recovery
+            teacher = d.model_payload(base, base_args, "teacher") if cfg.kd else ({}, {})
+            if cfg.step_epochs > 0:
+                finetune_round(d, models, args, teacher, info, assignment, 0, 1, cfg.step_epochs)
+            recalibrate(d, models, args, info, assignment)
+            for g, model in models.items():
+                d.rd.log_metrics("prune-recovery", round=done, device=g, **test_accuracy(d, model, info, groups[g]))
+        save_progress(d, 0, done, models, args, apoz_nodes)
+    if not cfg.data_free:  # data-free models take no step on data
+        finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start)
+    weights = {}
+    if cfg.compression()["weight_bits"]:  # after fine-tuning and BatchNorm: the weights the devices run
+        for g, model in models.items():
+            weights[g] = quantize_weights(model, cfg.compression()["weight_bits"], "rtn", None, info)
+    write_outputs(d, models, args, base, info, groups, apoz_nodes, weights)
 
 
-def prune_groups(d: RunDriver, base, base_args, info, assignment: dict) -> tuple[dict, dict, dict]:
-    """One pruned copy of the base model per group: (models, model_args, apoz node counts)."""
+def test_accuracy(d: RunDriver, model, info, classes: list[int]) -> dict:
+    """The server's held-out test accuracy of a group's model, on all classes and on the group's."""
+    test = d.test_split()
+    return {"test_all": evaluate(model, test, info, d.device)["accuracy"],
+            "test_group": evaluate(model, test, info, d.device, classes=classes)["accuracy"]}
+
+
+def cut(d: RunDriver, models: dict, args: dict, base, base_args, info, assignment: dict, done: int) -> dict:
+    """Cut ``done + 1`` of every group's model, in place: channels (to this cut's share of the budget) or single
+    weights (``sparsity``); returns group -> how many nodes sent APoZ counts."""
     cfg, groups = d.cfg, assignment["groups"]
-    settings = PruneSettings(budget=cfg.budget, criterion=cfg.criterion, alpha=cfg.alpha, round_to=cfg.round_to,
-                             apoz_samples=cfg.apoz_samples).validate()
-    if cfg.criterion in ("papm", "apoz"):
-        counts, apoz_nodes = group_apoz_counts(d, base, base_args, info, assignment)
-    else:
-        counts, apoz_nodes = {g: ActivationCounts() for g in range(len(groups))}, {g: 0 for g in range(len(groups))}
-    models, args = {}, {}
+    budget, sparsity = target_budget(cfg), cfg.compression()["sparsity"]
+    apoz_nodes = {g: 0 for g in range(len(groups))}
+    if sparsity != "none" or budget is None:  # single weights, from the magnitudes alone (or a level that only quantises)
+        for g, model in models.items():
+            if sparsity != "none":
+                apply_masks(model, sparsity_masks(model, sparsity, budget))
+            size = size_report(model)
+            d.rd.log_metrics("prune", round=done + 1, device=g, params_before=size["total_params"],
+                             params_after=size["total_params"], nonzero_params=size["nonzero_params"],
+                             reduction=round(size["sparsity"], 6), **test_accuracy(d, model, info, groups[g]))
+        return apoz_nodes
+    settings = PruneSettings(budget=budget, criterion=cfg.criterion, alpha=cfg.alpha, round_to=cfg.round_to,
+                             apoz_samples=cfg.apoz_samples, bn_recalibrate=False).validate()
+    counts = {g: ActivationCounts() for g in range(len(groups))}
+    if cfg.criterion in ("papm", "apoz"):  # APoZ of each group's model as it is now (the base at the first cut)
+        counts, apoz_nodes = group_apoz_counts(d, base, base_args, info, assignment,
+                                               None if done == 0 else {g: (models[g], args[g]) for g in models})
+    params_before = sum(p.numel() for p in base.parameters())
+    target = step_targets(params_before, budget, cuts(cfg))[done]
     for g in range(len(groups)):
-        model = copy.deepcopy(base).cpu()
+        model = models[g]
         group_settings = settings
         if cfg.criterion in ("papm", "apoz") and not counts[g].zeros:
             # no node holds an image of this group's classes: no APoZ exists, the weights alone decide
             log(WARNING, "no node holds samples of group %d's classes; pruning it by weight norms only", g)
             group_settings = PruneSettings(**{**settings.__dict__, "criterion": "papm", "alpha": 1.0})
-        result, args[g] = prune_model(model, base_args, info, group_settings, counts[g] if counts[g].zeros else None, seed=cfg.seed)
-        models[g] = model
-        d.rd.log_metrics("prune", device=g, params_before=result.params_before, params_after=result.params_after,
-                         reduction=round(result.reduction, 6))
-    return models, args, apoz_nodes
+        # one cut: the budget itself (no float round trip); a later cut: its share of what is left
+        step_budget = budget if cuts(cfg) == 1 else 1.0 - target / sum(p.numel() for p in model.parameters())
+        original = copy.deepcopy(model) if cfg.data_free else None
+        result, args[g] = prune_model(model, args[g], info, PruneSettings(**{**group_settings.__dict__, "budget": step_budget}),
+                                      counts[g] if counts[g].zeros else None, seed=cfg.seed + done)
+        if original is not None:  # fold the removed channels into the next layers: weights only
+            restore_after_pruning(original, model, result.kept, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
+        d.rd.log_metrics("prune", round=done + 1, device=g, params_before=params_before, params_after=result.params_after,
+                         reduction=round(1.0 - result.params_after / params_before, 6),
+                         **test_accuracy(d, model, info, groups[g]))
+    return apoz_nodes
 
 
-def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: list, apoz_nodes: dict) -> None:
+def write_steps(path, metrics: list[dict], g: int, final: dict) -> None:
+    """One row per cut of device ``g``'s model: parameters, reduction and test accuracy after the cut, after the
+    recovery before the next cut, and (last row) after fine-tuning and weight rounding."""
+    recovered = {m["round"]: m for m in metrics if m["phase"] == "prune-recovery" and m.get("device") == g}
+    rows = []
+    for m in (m for m in metrics if m["phase"] == "prune" and m.get("device") == g):
+        row = {"step": m["round"], "params": m.get("params_after"), "nonzero_params": m.get("nonzero_params", m.get("params_after")),
+               "reduction": m.get("reduction"), "after_cut_group": m.get("test_group"), "after_cut_all": m.get("test_all")}
+        r = recovered.get(m["round"], {})
+        row.update(after_recovery_group=r.get("test_group"), after_recovery_all=r.get("test_all"))
+        rows.append(row)
+    if rows:
+        rows[-1].update(final_group=final["test_group"], final_all=final["test_all"])
+        atomic_write_csv(path, rows)
+
+
+def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: list, apoz_nodes: dict,
+                  weights: dict) -> None:
     cfg = d.cfg
-    test = d.test_split()
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
     macs_before, params_before = macs_and_params(base.cpu(), example)
+    metrics = d.rd.metrics()
     for g, model in models.items():
         out = d.rd.device_dir(g)
+        final = test_accuracy(d, model, info, groups[g])
+        write_steps(out / "prune_steps.csv", metrics, g, final)
         path = save_checkpoint(out / "pruned.pt", model, args[g], info, kind="pruned", meta={"classes": groups[g], "device": g})
         macs_after, params_after = macs_and_params(model, example)
         atomic_write_json(out / "prune.json", {
             "device": g, "classes": groups[g], "class_names": [info.class_names[c] for c in groups[g]],
             "params_before": params_before, "params_after": params_after,
-            "reduction": round(1 - params_after / params_before, 6), "target": cfg.budget, "criterion": cfg.criterion,
+            "reduction": round(1 - params_after / params_before, 6),
+            "target": None if target_budget(cfg) is None else round(target_budget(cfg), 6),
+            "schedule": cfg.schedule, "cuts": cuts(cfg), "data_free": cfg.data_free, **cfg.compression(),
+            "weights": weights.get(g, {"weight_bits": 32}), "size": size_report(model),
+            "criterion": cfg.criterion, "baseline": cfg.baseline, "grouping": cfg.grouping,
             "alpha": cfg.alpha, "kept_channels": args[g]["channels"], "macs_before": macs_before, "macs_after": macs_after,
             "bytes": path.stat().st_size,
-            "test_accuracy": {"all": evaluate(model, test, info, d.device)["accuracy"],
-                              "group": evaluate(model, test, info, d.device, classes=groups[g])["accuracy"]},
+            "test_accuracy": {"all": final["test_all"], "group": final["test_group"]},
             "apoz_nodes": apoz_nodes[g],
         })

@@ -1,0 +1,252 @@
+"""Compression options of `papm prune` (issue: compression breadth): the iterative schedule, BatchNorm
+re-estimation after surgery, and one clear line per bad combination."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import papm.shared.specialise as specialise_mod
+from papm.shared.checkpoint import load_checkpoint
+from papm.shared.models import count_params
+from papm.shared.specialise import PruneSettings, specialise, step_targets
+from papm.shared.training import TrainSettings
+
+from conftest import run_papm
+from test_cli import _one_error_line
+
+
+def _settings(**kw):
+    return PruneSettings(budget=0.77, finetune=TrainSettings(epochs=0, batch_size=64), **kw)
+
+
+def test_iterative_pruning_reaches_the_budget_in_steps_with_apoz_remeasured(digits, base_ckpt, monkeypatch):
+    base, info, ckpt = load_checkpoint(base_ckpt)
+    measured = []  # parameter count of the model APoZ was measured on, per cut
+    real = specialise_mod.count_zero_activations
+
+    def spy(model, *a, **k):
+        measured.append(count_params(model))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(specialise_mod, "count_zero_activations", spy)
+    model, args, report = specialise(base, ckpt["model_args"], digits, [3, 5, 8],
+                                     _settings(schedule="iterative", steps=3, step_epochs=0), progress=False)
+    one_shot = specialise(base, ckpt["model_args"], digits, [3, 5, 8], _settings(), progress=False)[2]
+    assert abs(report["reduction"] - 0.77) <= 0.01 and abs(report["reduction"] - one_shot["reduction"]) <= 0.01
+    assert count_params(model) == report["params_after"] == report["steps"][-1]["params"]
+    params = [row["params"] for row in report["steps"]]
+    assert len(params) == 3 and params[0] > params[1] > params[2]
+    # every cut after the first scored the already-pruned model, not the base again
+    assert measured[:3] == [report["params_before"], params[0], params[1]]
+    # the geometric schedule: each cut keeps about the same share of what is left
+    targets = step_targets(report["params_before"], 0.77, 3)
+    assert all(abs(p - t) / report["params_before"] <= 0.01 for p, t in zip(params, targets))
+
+
+def test_bn_recalibration_changes_running_statistics_and_no_weight(digits, base_ckpt):
+    base, info, ckpt = load_checkpoint(base_ckpt)
+    with_bn, _, r1 = specialise(base, ckpt["model_args"], digits, [0, 1], _settings(bn_recalibrate=True), progress=False)
+    without, _, r0 = specialise(base, ckpt["model_args"], digits, [0, 1], _settings(bn_recalibrate=False), progress=False)
+    sa, sb = with_bn.state_dict(), without.state_dict()
+    stats = [k for k in sa if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k, _ in with_bn.named_parameters()]
+    assert stats and all(torch.equal(sa[k], sb[k]) for k in weights)
+    assert sum(not torch.allclose(sa[k], sb[k]) for k in stats) >= len(stats) // 2
+    # the report says what re-estimation did: accuracy after the cut, then after re-estimation
+    assert "after_bn_recalibrate" in r1["accuracy"] and "after_bn_recalibrate" not in r0["accuracy"]
+    assert r1["accuracy"]["before_finetune"] == r0["accuracy"]["before_finetune"]
+    assert r1["accuracy"]["after_bn_recalibrate"] == r1["accuracy"]["after_finetune"]  # no fine-tuning here
+
+
+def test_papm_prune_iterative_writes_one_csv_row_per_step(tmp_path, base_ckpt):
+    r = run_papm("prune", base_ckpt, "--classes", "3,5,8", "--budget", "0.6", "--schedule", "iterative", "--steps", "2",
+                 "--step-epochs", "1", "--finetune-epochs", "1", "--out", "p.pt", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.steps.csv")))
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert [int(row["step"]) for row in rows] == [1, 2]
+    assert int(rows[-1]["params"]) == report["params_after"] and float(rows[-1]["reduction"]) == report["reduction"]
+    assert rows[0]["after_step_finetune_group"] and not rows[1]["after_step_finetune_group"]  # no step fine-tune after the last cut
+    assert float(rows[1]["after_finetune_all"]) == report["accuracy"]["after_finetune"]["all"]
+
+
+def test_bad_schedule_options_are_one_line(tmp_path, base_ckpt):
+    for extra, needle in ((["--schedule", "cyclic"], "unknown schedule 'cyclic'"),
+                          (["--steps", "3"], "--steps 3 needs --schedule iterative"),
+                          (["--schedule", "iterative", "--steps", "1"], "schedule iterative needs steps >= 2"),
+                          (["--schedule", "iterative", "--step-epochs", "-1"], "step-epochs must be >= 0")):
+        line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", "0.5", *extra, cwd=tmp_path))
+        assert needle in line
+
+
+def test_two_four_sparsity_survives_fine_tuning(digits, base_ckpt):
+    base, info, ckpt = load_checkpoint(base_ckpt)
+    settings = PruneSettings(budget=None, sparsity="2:4", finetune=TrainSettings(epochs=1, batch_size=64))
+    model, _, report = specialise(base, ckpt["model_args"], digits, [3, 5, 8], settings, progress=False)
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.in_channels % 4 == 0:
+            groups = m.weight.detach().permute(0, 2, 3, 1).reshape(-1, 4)  # 4 consecutive input channels
+            assert ((groups != 0).sum(dim=1) == 2).all(), name
+            checked += 1
+    assert checked >= 10 and report["nonzero_params"] < 0.6 * report["params_before"]
+    assert report["history"]  # it was fine-tuned, and the zeros stayed zeros
+
+
+def test_unstructured_sparsity_zeroes_the_budget_and_reports_size(digits, base_ckpt):
+    base, info, ckpt = load_checkpoint(base_ckpt)
+    settings = PruneSettings(budget=0.8, sparsity="unstructured", finetune=TrainSettings(epochs=1, batch_size=64))
+    model, _, report = specialise(base, ckpt["model_args"], digits, [3, 5, 8], settings, progress=False)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    zeros = sum(int((w == 0).sum()) for w in convs)
+    assert abs(zeros / sum(w.numel() for w in convs) - 0.8) < 0.01
+    assert report["params_after"] == count_params(model)  # shapes stay
+    assert report["size"]["compressed_bytes"] < 0.6 * report["size"]["dense_bytes"]
+
+
+def test_low_bit_weights_take_at_most_two_to_the_bits_values(digits, base_ckpt):
+    from papm.shared.lowbit import distinct_values_per_channel
+
+    base, info, ckpt = load_checkpoint(base_ckpt)
+    for bits, quant in ((3, "rtn"), (4, "gptq")):
+        settings = PruneSettings(budget=0.5, weight_bits=bits, weight_quant=quant, finetune=TrainSettings(epochs=0))
+        model, _, report = specialise(base, ckpt["model_args"], digits, [3, 5, 8], settings, progress=False)
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                assert distinct_values_per_channel(m.weight) <= 2 ** bits
+        assert report["weights"]["weight_bits"] == bits and "after_weight_quant" in report["accuracy"]
+
+
+class _NoData:
+    """A training split that may not be touched: data-free compression reads no image of it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"data-free compression read the training data ({name})")
+
+    def __len__(self):
+        raise AssertionError("data-free compression read the training data")
+
+
+def test_data_free_compression_reads_no_training_data(digits, base_ckpt):
+    from papm.shared.datasets import DataSplits
+
+    base, info, ckpt = load_checkpoint(base_ckpt)
+    splits = DataSplits(info=digits.info, train=_NoData(), val=_NoData(), test=digits.test)
+    settings = PruneSettings(budget=0.3, criterion="l1", data_free=True, bn_recalibrate=False, weight_bits=8,
+                             finetune=TrainSettings(epochs=0))
+    model, args, report = specialise(base, ckpt["model_args"], splits, [3, 5, 8], settings, progress=False)
+    assert abs(report["reduction"] - 0.3) <= 0.01 and report["data_free"] and not report["history"]
+
+
+def test_bad_compression_combinations_are_one_line(tmp_path, base_ckpt):
+    cases = ((["--budget", "0.5", "--data-free", "--criterion", "apoz"], "criterion apoz needs activations"),
+             (["--budget", "0.5", "--data-free", "--finetune-epochs", "2"], "cannot fine-tune"),
+             (["--budget", "0.5", "--data-free", "--weight-bits", "4", "--weight-quant", "gptq"], "use weight-quant rtn"),
+             (["--sparsity", "2:4", "--budget", "0.5"], "drop --budget"),
+             (["--sparsity", "dense", "--budget", "0.5"], "unknown sparsity 'dense'"),
+             (["--budget", "0.5", "--sparsity", "unstructured", "--schedule", "iterative"], "does not combine"),
+             (["--level", "3", "--budget", "0.5"], "--level 3 sets the sparsity"),
+             (["--level", "9"], "level must be 1..5"),
+             (["--budget", "0.5", "--weight-bits", "1"], "weight-bits must be one of"),
+             ([], "--budget is required"))
+    for extra, needle in cases:
+        line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", *extra, cwd=tmp_path))
+        assert needle in line, (extra, line)
+
+
+# ---- the same options in a federated run (direct engine: the ServerApp phases and ClientApp handlers in one process)
+
+from papm.client.client_app import app as client_app  # noqa: E402
+from papm.shared.config import RunConfig  # noqa: E402
+from papm.simulations.direct import run_direct  # noqa: E402
+
+FED = ["nodes=2", "devices=2", "base-rounds=2", "base-epochs=1", "finetune-epochs=1", "finetune-rounds=2",
+       "fusion-rounds=1", "device=cpu"]
+
+
+def _metrics(run, phase):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["phase"] == phase]
+
+
+def test_federated_iterative_schedule_resumes_between_cuts_and_ends_where_an_uninterrupted_run_does(tmp_path):
+    from papm.shared.lowbit import distinct_values_per_channel
+
+    sets = [*FED, "schedule=iterative", "steps=2", "step-epochs=1", "weight-bits=4"]
+    whole = tmp_path / "whole"
+    run_direct(RunConfig.from_overrides([*sets, f"run-dir={whole}"]))
+    seen = []
+
+    def killer(msg, context):  # dies when the second cut asks for APoZ of the groups' own (once-cut) models
+        if msg.metadata.message_type == "query.apoz":
+            own = json.loads(msg.content["papm"]["jobs"])[0].get("own-model")
+            seen.append(own)
+            if own:
+                raise KeyboardInterrupt("killed before the second cut")
+        return client_app(msg, context)
+
+    killed = tmp_path / "killed"
+    cfg = RunConfig.from_overrides([*sets, f"run-dir={killed}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_direct(cfg, app=killer)
+    assert seen[0] is False and seen[-1] is True  # cut 1 measured the base, cut 2 each group's cut model
+    seen.clear()
+
+    def spy(msg, context):
+        if msg.metadata.message_type == "query.apoz":
+            seen.append(json.loads(msg.content["papm"]["jobs"])[0].get("own-model"))
+        return client_app(msg, context)
+
+    run_direct(cfg, resume=True, app=spy)
+    assert seen == [True, True]  # one APoZ query per node, of the cut models: the resumed run did not cut the base again
+    a, b = (json.loads((r / "evaluation.json").read_text()) for r in (whole, killed))
+    assert (a["base"]["accuracy"], a["fusion"]["accuracy"]) == (b["base"]["accuracy"], b["fusion"]["accuracy"])
+    assert [m["round"] for m in _metrics(killed, "prune")] == [1, 1, 2, 2]  # two groups, two cuts, each once
+    assert [m["round"] for m in _metrics(killed, "prune-recovery")] == [1, 1]  # the recovery between the cuts, once
+    steps = list(csv.DictReader(open(killed / "devices" / "device-0" / "prune_steps.csv")))
+    assert [int(r["step"]) for r in steps] == [1, 2] and steps[0]["after_recovery_group"] and steps[1]["final_group"]
+    assert int(steps[0]["params"]) > int(steps[1]["params"])
+    for g in range(2):
+        report = json.loads((killed / "devices" / f"device-{g}" / "prune.json").read_text())
+        assert report["cuts"] == 2 and abs(report["reduction"] - 0.77) <= 0.01
+        model, _, _ = load_checkpoint(killed / "devices" / f"device-{g}" / "pruned.pt")
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                assert distinct_values_per_channel(m.weight) <= 2 ** 4
+
+
+def test_federated_two_four_sparsity_stays_through_fedavg_fine_tuning(tmp_path):
+    run = tmp_path / "run"
+    run_direct(RunConfig.from_overrides([*FED, "sparsity=2:4", f"run-dir={run}"]))
+    for g in range(2):
+        model, _, _ = load_checkpoint(run / "devices" / f"device-{g}" / "pruned.pt")
+        base, _, _ = load_checkpoint(run / "base.pt")
+        checked = 0
+        for (name, m), b in zip(model.named_modules(), base.modules()):
+            if isinstance(m, torch.nn.Conv2d) and m.in_channels % 4 == 0:
+                groups = m.weight.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+                assert ((groups != 0).sum(dim=1) == 2).all(), name
+                assert not torch.equal(m.weight, b.weight * (m.weight != 0))  # fine-tuned, not only masked
+                checked += 1
+        assert checked >= 10
+        report = json.loads((run / "devices" / f"device-{g}" / "prune.json").read_text())
+        assert report["sparsity"] == "2:4" and report["size"]["nonzero_params"] < 0.6 * report["params_after"]
+
+
+def test_bad_federated_compression_keys_are_one_line(tmp_path):
+    for sets, needle in ((["data-free=true"], "criterion papm needs activations"),
+                         (["level=2", "weight-bits=4"], "level 2 sets sparsity and weight-bits"),
+                         (["schedule=iterative", "steps=1"], "schedule iterative needs steps >= 2"),
+                         (["sparsity=2:4", "schedule=iterative"], "does not combine")):
+        line = _one_error_line(run_papm("simulate", *[x for s in sets for x in ("--set", s)], "--run-dir", "r", cwd=tmp_path))
+        assert needle in line, (sets, line)
+    assert not (tmp_path / "r").exists()
+
+
+def test_readme_level_table_is_the_ladder_in_the_code():
+    from pathlib import Path
+
+    from papm.shared.compression_options import level_table
+
+    assert level_table() in (Path(__file__).parents[1] / "README.md").read_text()
