@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%% (with --sparsity unstructured: of the conv "
                         "weights to zero)")
     p.add_argument("--criterion", default=None, help="papm (default), l1, apoz or random (--data-free: l1 by default)")
-    p.add_argument("--alpha", type=_number, default=0.5, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ)")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    p.add_argument("--alpha", type=_number, default=None, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ); "
+                   "default 0.5, only with --criterion papm")
+    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N (default 1)")
     p.add_argument("--apoz-samples", type=int, default=2048, help="group-class training samples used for APoZ")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (0 with --data-free)")
     p.add_argument("--finetune-lr", type=_number, default=0.02)
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-temperature", type=_number, default=4.0)
     p.add_argument("--schedule", default="oneshot", help="oneshot (one cut, default) or iterative (--steps cuts, APoZ re-measured)")
     p.add_argument("--steps", type=int, default=None, help="cuts of the iterative schedule (default 3)")
-    p.add_argument("--step-epochs", type=int, default=1, help="fine-tuning epochs between two cuts (0: BatchNorm re-estimation only)")
+    p.add_argument("--step-epochs", type=int, default=None, help="fine-tuning epochs between two cuts of the iterative "
+                   "schedule (default 1; 0: BatchNorm re-estimation only)")
     p.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the data after every cut, no gradient step (default on; "
                         "off with --data-free)")
@@ -131,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("directory", metavar="DIR", help="the suite's folder (runs/suite-<name>)")
     r.add_argument("--out", default=None, help="where to write the report (default DIR)")
     r.add_argument("--no-latency", action="store_true", help="do not measure the split latency from the bundles")
+
+    n = sub.add_parser("node", help="a warm worker beside a SuperNode: keeps torch and the data loaded between messages")
+    n.add_argument("--socket", required=True, help="Unix socket path (its folder must be closed to other users); give "
+                   "the SuperNode the same path as node config worker-socket")
 
     # torch-free modules (export_cli imports torch only inside run_export)
     from .deploy.deploy_cli import add_deploy_parser
@@ -209,14 +215,24 @@ def cmd_prune(args) -> int:
         report_path = out.with_name(out.name + ".report.json")
     if args.steps is not None and args.schedule != "iterative":
         raise PapmError(f"--steps {args.steps} needs --schedule iterative (a one-shot cut is one step)")
+    if args.step_epochs is not None and args.schedule != "iterative":
+        raise PapmError("--step-epochs is the fine-tuning between cuts: it needs --schedule iterative")
+    channel_flags = [f for f, v in (("--criterion", args.criterion), ("--alpha", args.alpha), ("--round-to", args.round_to))
+                     if v is not None]
+    if channel_flags and (args.sparsity != "none" or args.level):
+        raise PapmError(f"{', '.join(channel_flags)} choose channels to cut; with --sparsity or --level no channel is cut: "
+                        "drop one or the other")
+    if args.alpha is not None and (args.criterion or "papm") != "papm":
+        raise PapmError(f"--alpha weighs PAPM's two terms; --criterion {args.criterion} has no alpha: drop --alpha")
     steps_path = report_path.with_name(report_path.stem + ".steps.csv")
     refuse_existing(out, report_path, steps_path, force=args.force)
     settings = PruneSettings(
-        budget=args.budget, criterion=args.criterion or ("l1" if args.data_free else "papm"), alpha=args.alpha, round_to=args.round_to,
+        budget=args.budget, criterion=args.criterion or ("l1" if args.data_free else "papm"),
+        alpha=0.5 if args.alpha is None else args.alpha, round_to=1 if args.round_to is None else args.round_to,
         apoz_samples=args.apoz_samples, emphasis=args.emphasis, emphasis_mode=args.emphasis_mode, kd=args.kd,
         kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, schedule=args.schedule,
         steps=3 if args.steps is None else args.steps,
-        step_epochs=args.step_epochs,
+        step_epochs=1 if args.step_epochs is None else args.step_epochs,
         bn_recalibrate=not args.data_free if args.bn_recalibrate is None else args.bn_recalibrate,
         data_free=args.data_free, sparsity=args.sparsity, weight_bits=args.weight_bits, weight_quant=args.weight_quant,
         level=args.level,
@@ -384,7 +400,26 @@ def cmd_doctor(args) -> int:
     return run_doctor(args)
 
 
-COMMANDS = {"suite": cmd_suite, "report": cmd_report, "doctor": cmd_doctor, "train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
+def cmd_node(args) -> int:
+    import signal
+    import threading
+
+    from .client.worker import serve
+
+    stop, ready = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # systemd / the kit's supervisor stop it this way
+    thread = threading.Thread(target=lambda: ready.wait() and print(f"papm node: serving on {args.socket}", flush=True),
+                              daemon=True)
+    thread.start()
+    try:
+        serve(args.socket, ready=ready, stop=stop)
+    except KeyboardInterrupt:
+        pass
+    print("papm node: stopped", flush=True)
+    return 0
+
+
+COMMANDS = {"node": cmd_node, "suite": cmd_suite, "report": cmd_report, "doctor": cmd_doctor, "train": cmd_train, "prune": cmd_prune, "groups": cmd_groups, "simulate": cmd_simulate,
             "export": cmd_export, "infer": cmd_infer, "bench": cmd_bench,
             "deploy": cmd_deploy}
 

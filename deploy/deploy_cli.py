@@ -31,6 +31,8 @@ def add_deploy_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", default=None, help="folder of flwr's config.toml (default: $FLWR_HOME or ~/.flwr)")
     p.add_argument("--connection", default="papm", help="name of the `flwr` connection written to config.toml (default papm)")
     p.add_argument("--days", type=positive_int, default=365, help="certificate validity in days (default 365)")
+    p.add_argument("--no-worker", action="store_true", help="no warm `papm node` worker beside the SuperNodes (each message "
+                   "then starts torch and reads the data afresh)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication: local experiments only")
     p.add_argument("--force", action="store_true", help="overwrite an existing kit and connection entry")
     return d
@@ -44,7 +46,7 @@ def run_deploy(args) -> int:
     spec = KitSpec(directory=Path(args.directory), hosts=[h for h in args.hosts.split(",") if h.strip()],
                    nodes=args.nodes, superlink=args.superlink, data_root_template=args.data_root_template,
                    flwr_home=Path(args.flwr_home) if args.flwr_home else None, connection=args.connection,
-                   insecure=args.insecure, force=args.force, days=args.days)
+                   insecure=args.insecure, force=args.force, days=args.days, warm_worker=not args.no_worker)
     if spec.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     kit = init_kit(spec)

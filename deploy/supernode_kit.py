@@ -70,6 +70,7 @@ class KitSpec:
     force: bool = False
     days: int = 365
     project_root: Path | None = None  # where `flwr run .` runs (the folder with pyproject.toml)
+    warm_worker: bool = True  # a `papm node` worker beside each SuperNode (torch and data stay loaded)
 
     def validate(self) -> "KitSpec":
         if self.nodes < 1:
@@ -264,10 +265,17 @@ def find_project_root() -> Path | None:
     return None
 
 
+def worker_socket(spec: KitSpec, pid: int) -> Path:
+    """Where node ``pid``'s warm worker listens (a folder of the kit closed to other users)."""
+    return spec.directory.resolve() / "workers" / f"node{pid}.sock"
+
+
 def node_config(spec: KitSpec, pid: int) -> dict:
     cfg: dict = {"partition-id": pid, "num-partitions": spec.nodes}
     if spec.data_root_template:
         cfg["data-root"] = spec.data_root_template.replace("{id}", str(pid))
+    if spec.warm_worker:
+        cfg["worker-socket"] = str(worker_socket(spec, pid))
     return cfg
 
 
@@ -307,6 +315,10 @@ def build_commands(spec: KitSpec, d: Path, project_root: Path | None) -> list[tu
             node += ["--root-certificates", str(d / "tls/ca.crt"), "--auth-supernode-private-key", str(d / f"keys/node{i}")]
         node += ["--node-config", _node_config_arg(node_config(spec, i))]
         needs = "" if spec.insecure else f"; needs tls/ca.crt and keys/node{i}"
+        if spec.warm_worker:
+            cmds.append((f"Start node {i}'s warm worker (on device {i}, beside its SuperNode, supervised the same way; "
+                         "without it the SuperNode still works, loading torch and the data for every message)",
+                         f"papm node --socket {q(str(worker_socket(spec, i)))}"))
         cmds.append((f"Start SuperNode {i} (on device {i}{needs})", poll + " ".join(map(q, node))))
     run_cfg = (f'run-dir="{d / "runs/deploy"}" nodes={spec.nodes}' + (f" devices={spec.nodes}" if spec.nodes < 3 else "")
                + f' sign-key="{d / "signing/papm-signing-key.pem"}"')

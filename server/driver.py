@@ -48,10 +48,12 @@ class RunDriver:
         self.failures: list[dict] = []
         self.node_info: DatasetInfo | None = None  # the nodes' data, with the run's normalisation (from hello)
         self._test: ImageSet | None = None
+        self.exchanges = 0  # message exchanges of the current phase (state.json: what a phase's wall time paid for)
 
     # ---- exchanges ---------------------------------------------------------------------
     def send(self, phase: str, message_type: str, requests: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """Exchange with the given nodes; failed nodes leave the run and are reported by partition id."""
+        self.exchanges += 1
         turns = math.ceil(len(requests) / self.parallel_nodes) if self.parallel_nodes else 1
         result = exchange(self.grid, requests, message_type, self.cfg.timeout * max(1, turns), group_id=phase)
         for node, why in result.failed.items():
@@ -226,10 +228,10 @@ class RunDriver:
             self.hello()
             for phase in PHASES:
                 if not self.rd.is_done(phase):
-                    t0 = time.perf_counter()
+                    t0, self.exchanges = time.perf_counter(), 0
                     log(INFO, "phase %s", phase)
                     runners[phase](self)
-                    self.rd.mark_done(phase, seconds=round(time.perf_counter() - t0, 2))
+                    self.rd.mark_done(phase, seconds=round(time.perf_counter() - t0, 2), exchanges=self.exchanges)
                 if self.cfg.stop_after == phase:
                     log(INFO, "stopping after phase %s as asked (stop-after); continue with --resume", phase)
                     return

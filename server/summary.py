@@ -14,13 +14,32 @@ def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def compression_text(cfg: RunConfig) -> str:
+    """How the run compressed each device's model, in words."""
+    c = cfg.compression()
+    if c["sparsity"] == "2:4":
+        what = "2:4 sparsity"
+    elif c["sparsity"] == "unstructured":
+        what = f"unstructured sparsity {c['budget']:g} of the conv weights"
+    elif c["budget"] is None:
+        what = "no cut"
+    else:
+        what = f"budget {c['budget']:g} ({cfg.criterion}" + (f", alpha={cfg.alpha:g}" if cfg.criterion == "papm" else "")
+        what += (f", {cfg.steps} iterative cuts" if cfg.schedule == "iterative" else "")
+        what += (", data-free" if cfg.data_free else "") + ")"
+    if c["weight_bits"]:
+        what += f", {c['weight_bits']}-bit weights"
+    what += f" (level {cfg.level})" if cfg.level else ""
+    return what + (f"; baseline {cfg.baseline}: one model for all classes" if cfg.baseline != "none" else "")
+
+
 def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
     base, fusion, fed = ev["base"], ev["fusion"], ev["federated"]
     lines = [
         f"# PAPM-FL run: {Path(cfg.run_dir).name}",
         "",
-        f"{info.name}, {info.num_classes} classes, {cfg.nodes} nodes, K={cfg.devices} devices, budget {cfg.budget:g} "
-        f"({cfg.criterion}, alpha={cfg.alpha:g}), width {cfg.width:g}; test split: {ev['test_samples']} samples.",
+        f"{info.name}, {info.num_classes} classes, {cfg.nodes} nodes, K={cfg.devices} devices, {compression_text(cfg)}, "
+        f"width {cfg.width:g}; test split: {ev['test_samples']} samples.",
         "",
         "## Accuracy",
         "",
@@ -31,11 +50,12 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
         "",
         "## Devices",
         "",
-        "| device | classes | params | reduction | MACs | checkpoint bytes | accuracy (all classes) | accuracy (its classes) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| device | classes | params | non-zero | reduction | MACs | checkpoint bytes | accuracy (all classes) | accuracy (its classes) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for d in ev["devices"]:
-        lines.append(f"| {d['device']} | {' '.join(d['class_names'])} | {d['params_after']:,} | {d['reduction']:.4f} | "
+        nonzero = d.get("size", {}).get("nonzero_params", d["params_after"])
+        lines.append(f"| {d['device']} | {' '.join(d['class_names'])} | {d['params_after']:,} | {nonzero:,} | {d['reduction']:.4f} | "
                      f"{d['macs_after']:,} | {d['bytes']:,} | {_pct(d['test_accuracy']['all'])} | {_pct(d['test_accuracy']['group'])} |")
     if "bundle" in ev:
         acc = ev["bundle"]["accuracy"]

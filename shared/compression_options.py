@@ -77,6 +77,8 @@ def check_compression(*, budget: float | None, criterion: str, schedule: str, st
         raise PapmError(f"weight-bits must be one of {', '.join(map(str, ALLOWED_BITS))} (or 0: fp32 weights), got {weight_bits}")
     if weight_quant not in WEIGHT_QUANT:
         raise PapmError(f"unknown weight quantiser {weight_quant!r}; choose rtn or gptq")
+    if weight_quant != "rtn" and not weight_bits:
+        raise PapmError(f"weight-quant {weight_quant} rounds weights to weight-bits; give weight-bits (e.g. 4)")
     if schedule == "iterative" and steps < 2:
         raise PapmError(f"schedule iterative needs steps >= 2 (cuts), got {steps}")
     if step_epochs < 0:
@@ -89,6 +91,8 @@ def check_compression(*, budget: float | None, criterion: str, schedule: str, st
         raise PapmError(f"sparsity {sparsity} zeroes weights in one step on the data; it does not combine with "
                         "schedule iterative or data-free (those cut channels)")
     if data_free:
+        if budget is None or sparsity != "none":
+            raise PapmError("data-free restores a channel cut; give a budget (and no level or sparsity)")
         if criterion not in WEIGHT_ONLY_CRITERIA:
             raise PapmError(f"data-free uses no data, and criterion {criterion} needs activations; use criterion l1 or random")
         if schedule != "oneshot" or finetunes or bn_recalibrate or kd:

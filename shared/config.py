@@ -150,9 +150,16 @@ class RunConfig:
         need(self.bn_samples >= 2, f"bn-samples must be >= 2, got {self.bn_samples}")
         need(self.grouping in ("similarity", "random"), f"grouping must be similarity or random, got {self.grouping!r}")
         need(self.baseline in BASELINES, f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        need(self.baseline != "one-model-total-budget" or self.devices * (1 - self.budget) < 1,
-             f"devices={self.devices} parts keeping {1 - self.budget:.0%} each are as large as the base together; the "
-             "one-model-total-budget baseline would be the unsplit base itself (lower devices or raise budget)")
+        mode_budget = self._mode_budget()
+        need(self.baseline != "one-model-total-budget" or mode_budget is not None,
+             "the one-model-total-budget baseline scales a budget, and this sparsity or level sets none of its own "
+             "(2:4, levels 1 and 2); use baseline=one-model-device-budget or another compression")
+        need(self.baseline != "one-model-total-budget" or mode_budget is None or self.devices * (1 - mode_budget) < 1,
+             f"devices={self.devices} parts keeping {1 - (mode_budget or 0):.0%} each are as large as the base together; "
+             "the one-model-total-budget baseline would be the unsplit base itself (lower devices or raise budget)")
+        need(self.budget == RunConfig.budget or (self.sparsity != "2:4" and not self.level),
+             f"budget {self.budget:g} is not used with " + ("level " + str(self.level) if self.level else "sparsity 2:4")
+             + " (it sets its own); drop budget")
         need(self.int8_activations in ("u8", "s8"), f"int8-activations must be u8 or s8, got {self.int8_activations!r}")
         need(self.finetune_nodes in ("all", "group"), f"finetune-nodes must be all or group, got {self.finetune_nodes!r}")
         need(self.partitioner in ("iid", "dirichlet", "by-group"), f"partitioner must be iid, dirichlet or by-group, got {self.partitioner!r}")
@@ -185,6 +192,10 @@ class RunConfig:
         need(not self.level or (self.sparsity == "none" and self.weight_bits == 0),
              f"level {self.level} sets sparsity and weight-bits itself; drop them (or drop level)")
         c = self.compression()
+        need(c["sparsity"] == "none" and c["budget"] is not None
+             or (self.criterion, self.alpha, self.round_to) == (RunConfig.criterion, RunConfig.alpha, RunConfig.round_to),
+             "criterion, alpha and round-to choose channels to cut; with sparsity or a level no channel is cut: "
+             "drop one or the other")
         check_compression(budget=c["budget"], criterion=self.criterion, schedule=self.schedule, steps=self.steps,
                           step_epochs=self.step_epochs, data_free=self.data_free, sparsity=c["sparsity"],
                           weight_bits=c["weight_bits"], weight_quant="rtn", level=self.level, finetunes=False,
@@ -192,14 +203,23 @@ class RunConfig:
         need(self.stop_after in ("",) + PHASES, f"stop-after must be one of {', '.join(PHASES)}, got {self.stop_after!r}")
         return self
 
+    def _mode_budget(self) -> float | None:
+        """``budget``, or the level's own; None where the mode sets no budget (2:4, levels without unstructured)."""
+        if self.level in LEVELS:
+            return LEVELS[self.level].budget
+        return None if self.sparsity == "2:4" else self.budget
+
     def compression(self) -> dict[str, Any]:
-        """The sparsity, budget and weight bits this run prunes with (a level resolved to its rung; budget None
-        where the mode sets its own: 2:4, or a level without unstructured sparsity)."""
+        """The sparsity, budget and weight bits this run prunes each model with: a level resolved to its rung, and
+        for the one-model baseline at the K parts' total size the budget 1 - K x (1 - budget) (K parts keeping
+        23% each = one model keeping K x 23%); budget None where the mode sets its own (2:4, levels 1-2)."""
+        budget = self._mode_budget()
+        if budget is not None and self.baseline == "one-model-total-budget":
+            budget = 1.0 - self.devices * (1.0 - budget)
         if self.level in LEVELS:
             rung = LEVELS[self.level]
-            return {"sparsity": rung.sparsity, "budget": rung.budget, "weight_bits": rung.weight_bits}
-        return {"sparsity": self.sparsity, "budget": None if self.sparsity == "2:4" else self.budget,
-                "weight_bits": self.weight_bits}
+            return {"sparsity": rung.sparsity, "budget": budget, "weight_bits": rung.weight_bits}
+        return {"sparsity": self.sparsity, "budget": budget, "weight_bits": self.weight_bits}
 
     def to_flower(self) -> dict[str, Any]:
         """Flat kebab-case dict of scalars (a Flower run config / ConfigRecord)."""

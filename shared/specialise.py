@@ -99,9 +99,9 @@ class PruneSettings:
         if (self.sparsity, self.weight_bits, self.weight_quant, self.budget) == (rung.sparsity, rung.weight_bits,
                                                                                   rung.weight_quant, budget):
             return  # resolved before
-        if self.sparsity != "none" or self.weight_bits or self.budget is not None:
+        if self.sparsity != "none" or self.weight_bits or self.budget is not None or self.weight_quant != "rtn":
             raise PapmError(f"--level {self.level} sets the sparsity and the weight bits itself; "
-                            "drop --budget, --sparsity and --weight-bits")
+                            "drop --budget, --sparsity, --weight-bits and --weight-quant")
         self.sparsity, self.weight_bits, self.weight_quant, self.budget = (rung.sparsity, rung.weight_bits,
                                                                            rung.weight_quant, budget)
 
@@ -208,13 +208,17 @@ def prune_model(
     settings: PruneSettings,
     counts: ActivationCounts | None,
     seed: int = 0,
+    final: bool = True,
 ):
-    """Prune ``model`` in place to the budget; return (PruneResult, pruned model_args)."""
+    """Prune ``model`` in place to the budget; return (PruneResult, pruned model_args). A cut that is not the
+    ``final`` one of a schedule takes the nearest feasible cut (the next cut aims at an absolute parameter
+    count again), so only the last one must land within the tolerance."""
     torch.manual_seed(seed)  # the random criterion is reproducible
     model = model.cpu().eval()
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
     importance = make_importance(settings.criterion, model, counts, settings.alpha)
-    result = prune_to_budget(model, base_args, example, importance, settings.budget, round_to=settings.round_to)
+    result = prune_to_budget(model, base_args, example, importance, settings.budget, round_to=settings.round_to,
+                             **({} if final else {"tolerance": 1.0}))
     args = make_model_args(base_args["num_classes"], base_args["in_channels"], base_args["width"], result.channels)
     return result, args
 
@@ -253,7 +257,7 @@ def _cut_channels(model: nn.Module, args: dict, params_before: int, splits: Data
         original = copy.deepcopy(model) if settings.data_free else None
         step_budget = settings.budget if len(targets) == 1 else 1.0 - target / sum(p.numel() for p in model.parameters())
         result, args = prune_model(model, args, info, replace(settings, budget=step_budget), counts,
-                                   seed=settings.finetune.seed + i)
+                                   seed=settings.finetune.seed + i, final=i + 1 == len(targets))
         if original is not None:  # fold the removed channels into the next layers: weights only, no data
             example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
             restore_after_pruning(original, model, result.kept, example)
@@ -316,7 +320,8 @@ def specialise(
             history = _recover(model, splits, classes, settings, settings.finetune.epochs, device, progress, "fine-tune", teacher)
     model = model.cpu().eval()
     after = accuracy_summary(model, splits.test, info, classes, device)
-    steps[-1].update(after_finetune_group=after["group"], after_finetune_all=after["all"])
+    if history:  # a fine-tuning step was taken
+        steps[-1].update(after_finetune_group=after["group"], after_finetune_all=after["all"])
     base_acc = accuracy_summary(base, splits.test, info, classes, device)
     last = steps[-1]
     accuracy = {
@@ -326,6 +331,7 @@ def specialise(
     if settings.bn_recalibrate:
         accuracy["after_bn_recalibrate"] = {"all": last["after_bn_all"], "group": last["after_bn_group"]}
     accuracy["after_finetune"] = {"all": after["all"], "group": after["group"]}
+    cut_size = size_report(model)  # before rounding: zeros that rounding makes are not part of the cut
     quant = None
     if settings.weight_bits:
         quant = quantize_weights(model, settings.weight_bits, settings.weight_quant,
@@ -341,7 +347,7 @@ def specialise(
         "params_before": params_before,
         "params_after": params_after,
         "nonzero_params": size["nonzero_params"],
-        "reduction": round(1.0 - (params_after if settings.sparsity == "none" else size["nonzero_params"]) / params_before, 6),
+        "reduction": round(1.0 - (params_after if settings.sparsity == "none" else cut_size["nonzero_params"]) / params_before, 6),
         "target": settings.budget,
         "criterion": settings.criterion if settings.sparsity == "none" and settings.budget is not None else None,
         "alpha": settings.alpha,

@@ -124,6 +124,16 @@ class Federation:
     def start_node(self, i: int) -> subprocess.Popen:
         return self.spawn(f"node{i}", self.node_command(i))
 
+    def start_worker(self, i: int) -> subprocess.Popen:
+        """`papm node` beside SuperNode i, on the socket the kit wrote into its node config."""
+        sock = tomllib.loads((self.kit / f"nodes/node{i}.toml").read_text())["worker-socket"]
+        proc = self.spawn(f"worker{i}", [sys.executable, "-m", "papm.cli", "node", "--socket", sock])
+        deadline = time.monotonic() + 60
+        while "serving on" not in self.log(f"worker{i}"):
+            assert proc.poll() is None and time.monotonic() < deadline, self.log(f"worker{i}")
+            time.sleep(0.2)
+        return proc
+
     def online(self) -> set[int]:
         nodes = self.flwr_json("supernode", "ls", "papm")["nodes"]
         return {int(n["node-id"]) for n in nodes if n["status"] == "online"}
@@ -208,11 +218,13 @@ def test_deploy_init_kit(tmp_path):
     conn = tomllib.loads((fed.home / "config.toml").read_text())["superlink"]["papm"]
     assert conn == {"address": f"127.0.0.1:{fed.port}", "root-certificates": str(k / "tls/ca.crt")}
     assert tomllib.loads((k / "nodes/node1.toml").read_text()) == {"partition-id": 1, "num-partitions": 2,
-                                                                   "data-root": "/data/node1"}
+                                                                   "data-root": "/data/node1",
+                                                                   "worker-socket": str(k.resolve() / "workers/node1.sock")}
     commands = (k / "COMMANDS.md").read_text()
     for expected in ("--enable-supernode-auth", f"flwr supernode register {k}/keys/node1.pub papm",
                      "--port 9095", 'data-root="/data/node1"', f"cd {ROOT} && ", "flwr run . papm",
                      "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-superlink",
+                     f"papm node --socket {k.resolve()}/workers/node1.sock",
                      f'sign-key="{k}/signing/papm-signing-key.pem"', f"--verify-key {k}/signing/papm-signing-key.pub.pem"):
         assert expected in commands and expected in r.stdout, expected
     # an existing kit is never overwritten without --force; with --force it is
@@ -262,6 +274,8 @@ def test_deployment_with_tls_and_node_auth_whole_run(federation, tmp_path):
     fed = federation()
     fed.init_kit("--data-root-template", str(tmp_path / "device{id}"))
     fed.start_superlink()
+    for i in range(2):  # warm workers beside nodes 0 and 1; node 2 has none and runs each message itself
+        fed.start_worker(i)
     for i in range(3):
         fed.start_node(i)
     assert fed.wait_online(3) == set(fed.node_ids.values())  # the registered keys, nothing else
@@ -288,6 +302,8 @@ def test_deployment_with_tls_and_node_auth_whole_run(federation, tmp_path):
     pub = fed.kit / "signing" / "papm-signing-key.pub.pem"
     r = fed.cli("-m", "papm.cli", "infer", str(run_dir / "bundle"), str(png), "--json", "--verify-key", str(pub))
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["top_k"], r.stderr
+    for i in range(2):  # the workers answered their nodes' messages (the same handlers, kept warm)
+        assert "query.hello answered" in fed.log(f"worker{i}") and "train.finetune answered" in fed.log(f"worker{i}")
     bad = fed.wait_run(fed.submit(f'{FAST} budget=1.5 run-dir="{tmp_path}/bad"'), timeout=120)
     assert bad["status"] == "finished:failed", bad
 

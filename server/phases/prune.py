@@ -55,13 +55,8 @@ if TYPE_CHECKING:
 
 
 def target_budget(cfg) -> float | None:
-    """The fraction of parameters each model loses: ``budget``, or for the one-model baseline at the K parts'
-    total size, 1 - K x (1 - budget) (K parts keeping 23% each = one model keeping K x 23%); None where the
-    compression mode sets its own (2:4 sparsity, a level without unstructured sparsity)."""
-    budget = cfg.compression()["budget"]
-    if budget is not None and cfg.baseline == "one-model-total-budget":
-        return 1.0 - cfg.devices * (1.0 - budget)
-    return budget
+    """The fraction of parameters (or, sparse, of conv weights) each model loses (``RunConfig.compression``)."""
+    return cfg.compression()["budget"]
 
 
 def cuts(cfg) -> int:
@@ -261,7 +256,8 @@ def cut(d: RunDriver, models: dict, args: dict, base, base_args, info, assignmen
         step_budget = budget if cuts(cfg) == 1 else 1.0 - target / sum(p.numel() for p in model.parameters())
         original = copy.deepcopy(model) if cfg.data_free else None
         result, args[g] = prune_model(model, args[g], info, PruneSettings(**{**group_settings.__dict__, "budget": step_budget}),
-                                      counts[g] if counts[g].zeros else None, seed=cfg.seed + done)
+                                      counts[g] if counts[g].zeros else None, seed=cfg.seed + done,
+                                      final=done + 1 == cuts(cfg))
         if original is not None:  # fold the removed channels into the next layers: weights only
             restore_after_pruning(original, model, result.kept, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
         d.rd.log_metrics("prune", round=done + 1, device=g, params_before=params_before, params_after=result.params_after,
@@ -301,11 +297,14 @@ def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: li
         atomic_write_json(out / "prune.json", {
             "device": g, "classes": groups[g], "class_names": [info.class_names[c] for c in groups[g]],
             "params_before": params_before, "params_after": params_after,
-            "reduction": round(1 - params_after / params_before, 6),
+            # the last cut's: 1 - parameters (sparse: non-zero weights, before any rounding) / the base's
+            "reduction": next((m["reduction"] for m in reversed(metrics) if m["phase"] == "prune" and m.get("device") == g),
+                              round(1 - params_after / params_before, 6)),
             "target": None if target_budget(cfg) is None else round(target_budget(cfg), 6),
             "schedule": cfg.schedule, "cuts": cuts(cfg), "data_free": cfg.data_free, **cfg.compression(),
             "weights": weights.get(g, {"weight_bits": 32}), "size": size_report(model),
-            "criterion": cfg.criterion, "baseline": cfg.baseline, "grouping": cfg.grouping,
+            "criterion": cfg.criterion if cfg.compression()["sparsity"] == "none" and target_budget(cfg) is not None else None,
+            "baseline": cfg.baseline, "grouping": cfg.grouping,
             "alpha": cfg.alpha, "kept_channels": args[g]["channels"], "macs_before": macs_before, "macs_after": macs_after,
             "bytes": path.stat().st_size,
             "test_accuracy": {"all": final["test_all"], "group": final["test_group"]},

@@ -1,0 +1,86 @@
+"""The warm node worker (`papm node`): the ClientApp Flower starts imports no torch and hands each message
+to the worker over a Unix socket; the results are the in-process ones; a missing worker falls back."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from papm.client.client_app import app as handlers
+from papm.client.entry import MESSAGE_TYPES
+from papm.client.entry import app as entry
+from papm.shared.config import RunConfig
+from papm.simulations.direct import run_direct
+
+from conftest import run_papm
+
+SMALL = ["nodes=2", "devices=2", "base-rounds=1", "base-epochs=1", "finetune-epochs=1", "finetune-rounds=1",
+         "fusion-rounds=1", "device=cpu"]
+
+
+def test_the_entry_clientapp_routes_every_message_type_the_handlers_know():
+    assert set(MESSAGE_TYPES) == set(handlers._registered_funcs)
+    r = subprocess.run([sys.executable, "-c", "import sys, papm.client.entry; print('torch' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr  # the per-message process stays light
+
+
+@pytest.fixture
+def worker(tmp_path):
+    folder = tmp_path / "w"
+    folder.mkdir(mode=0o700)
+    sock = folder / "node.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "papm.cli", "node", "--socket", str(sock)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    assert proc.stdout.readline().startswith("papm node: serving on"), proc.stdout.read()
+    yield sock, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _run(run_dir, node_configs=None, app=None):
+    run_direct(RunConfig.from_overrides([*SMALL, f"run-dir={run_dir}"]), node_configs=node_configs, app=app)
+    return json.loads((run_dir / "evaluation.json").read_text())
+
+
+def test_a_run_through_the_worker_ends_where_an_in_process_run_does(tmp_path, worker):
+    sock, proc = worker
+    # node 0 has a worker; node 1's socket leads nowhere: it falls back to running the handlers itself
+    configs = [{"partition-id": 0, "num-partitions": 2, "worker-socket": str(sock)},
+               {"partition-id": 1, "num-partitions": 2, "worker-socket": str(tmp_path / "w" / "none.sock")}]
+    a = _run(tmp_path / "warm", configs, entry)
+    b = _run(tmp_path / "plain")
+    assert (a["base"]["accuracy"], a["fusion"]["accuracy"]) == (b["base"]["accuracy"], b["fusion"]["accuracy"])
+    assert a["fusion"]["per_class"] == b["fusion"]["per_class"]
+    proc.terminate()
+    out = proc.communicate(timeout=30)[0]
+    answered = [line for line in out.splitlines() if "answered in" in line]
+    assert any("train.finetune" in line for line in answered) and any("query.hello" in line for line in answered)
+    assert not sock.exists()  # the worker removes its socket when it stops
+
+
+def test_a_handler_error_in_the_worker_is_raised_by_the_clientapp(tmp_path, worker, caplog):
+    """A node whose data root does not exist fails in its handler inside the worker; the ClientApp raises that
+    error, so the server reports the node's own reason (and the run stops: no node is left)."""
+    sock, _ = worker
+    coordinator = tmp_path / "coordinator"
+    from conftest import write_pattern_folder
+
+    write_pattern_folder(coordinator, per_class=4, size=16, parts=("test",))
+    configs = [{"partition-id": i, "num-partitions": 2, "worker-socket": str(sock), "data-root": str(tmp_path / "nowhere")}
+               for i in range(2)]
+    with pytest.raises(Exception, match="every node failed"):
+        run_direct(RunConfig.from_overrides([*SMALL, "dataset=imagefolder", f"data-root={coordinator}",
+                                             f"run-dir={tmp_path / 'bad'}"]), node_configs=configs, app=entry)
+    assert any("PapmError" in r.getMessage() and "nowhere" in r.getMessage() for r in caplog.records)
+
+
+def test_papm_node_refuses_a_socket_folder_open_to_other_users(tmp_path):
+    folder = tmp_path / "open"
+    folder.mkdir()
+    os.chmod(folder, 0o755)
+    r = run_papm("node", "--socket", str(folder / "s.sock"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "open to other users" in r.stderr and "chmod 700" in r.stderr
