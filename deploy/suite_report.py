@@ -181,6 +181,9 @@ def _plot(rows: list[dict], varying: list[str], x: str, title: str, xlabel: str)
         means = [100 * _mean_std([r["fusion_accuracy"] for r in points[v]])[0] for v in xs]
         stds = [100 * _mean_std([r["fusion_accuracy"] for r in points[v]])[1] for v in xs]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
+    xs_all = sorted({r[x] for r in rows})
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in xs_all):
+        ax.set_xticks(xs_all)  # K is a count: no 2.5 devices on the axis
     base = 100 * _mean_std([r["base_accuracy"] for r in rows])[0]
     ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="unsplit base")
     ax.set_xlabel(xlabel)
