@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from bench_record import code, cpu_model, pct
 from papm.shared.bn import recalibrate_bn
 from papm.shared.checkpoint import load_checkpoint
 from papm.shared.datasets import load_dataset_like
@@ -57,21 +58,6 @@ BN_SEED = 0
 VARIANTS = ("plain", "restored", "plain_bn", "restored_bn")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, with its family and model numbers (a VM may show a bare name)."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip().lower(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name", platform.machine())
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    return name
-
-
 def scores(logits: torch.Tensor, y: torch.Tensor, classes: list[int] | None, ref_pred: torch.Tensor | None) -> dict:
     """Accuracy on all test images, on the group's classes, and top-1 agreement with the base."""
     pred = logits.argmax(1)
@@ -82,15 +68,6 @@ def scores(logits: torch.Tensor, y: torch.Tensor, classes: list[int] | None, ref
     if ref_pred is not None:
         out["agree"] = float((pred == ref_pred).float().mean())
     return out
-
-
-def code(text: str) -> str:
-    """A Markdown code span that survives backticks inside ``text``."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
-def pct(x) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
 
 
 def table(rows: list[dict], base: dict, grouped: bool) -> str:

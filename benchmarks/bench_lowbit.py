@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_record import code, cpu_model, pct
 from papm.shared.checkpoint import load_checkpoint
 from papm.shared.compression import quantize_weights
 from papm.shared.compression_options import ALLOWED_BITS
@@ -54,30 +55,6 @@ from papm.shared.sparsity import weight_layers
 from papm.shared.training import evaluate
 
 METHODS = ("rtn", "gptq")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, with its family and model numbers (a VM may show a bare name)."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip().lower(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name", platform.machine())
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    return name
-
-
-def code(text: str) -> str:
-    """A Markdown code span that survives backticks inside ``text``."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
-def pct(x) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
 
 
 def weight_counts(model: torch.nn.Module) -> tuple[int, int, int]:

@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_split_latency, bench_data_free, bench_record
 
-from bench_data_free import code, cpu_model
+from bench_record import code, cpu_model
 from bench_split_latency import batch1_ms
 from papm.deploy.runtime import make_session
 from papm.export.onnx_export import export_base
