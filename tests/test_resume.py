@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from papm.client.client_app import app as client_app
 from papm.shared.config import PHASES, RunConfig
@@ -21,6 +22,14 @@ SMALL = ["nodes=2", "devices=2", "base-rounds=3", "base-epochs=1", "finetune-epo
 def _rounds(run, label):
     return [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["phase"] == label]
+
+
+def _saved_round(run):
+    """The base round in the run's progress file (None: none saved yet, or the file is being replaced)."""
+    try:
+        return int(torch.load(run / "progress" / "base.pt", map_location="cpu", weights_only=True)["round"])
+    except Exception:  # noqa: BLE001 - not there yet, or caught mid-replace
+        return None
 
 
 def killer(message_type: str, at_round: int):
@@ -85,7 +94,9 @@ def test_sigkill_in_base_round_3_then_resume(tmp_path):
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
-            if (run / "metrics.jsonl").exists() and 2 in _rounds(run, "base"):
+            # round 2 in metrics.jsonl and saved: the line is written just before the progress file, and a kill
+            # between the two redoes round 2 (rightly, but this test is about resuming at round 3)
+            if (run / "metrics.jsonl").exists() and 2 in _rounds(run, "base") and _saved_round(run) == 2:
                 break
             assert proc.poll() is None, "the run ended before round 2"
             time.sleep(0.05)
