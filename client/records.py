@@ -18,16 +18,50 @@ from ..shared.config import RunConfig
 from ..shared.errors import PapmError
 
 
+# Every tensor of a state dict as its own Array made every message hundreds of Flower objects, each
+# pulled and pushed by its own request between SuperLink, SuperNode and ClientApp process (measured on
+# loopback: 6-7 s of a 9 s exchange moving ~200 objects of a width-0.25 ResNet). Packed, a state dict is
+# two arrays: the tensors' bytes back to back (Flower cuts it into 5 MiB chunks) and their layout.
+PACKED, LAYOUT = "packed", "layout"
+
+
+def pack_arrays(tensors: dict[str, Any]) -> ArrayRecord:
+    """Named tensors or arrays as one ArrayRecord of two raw-bytes arrays (see above)."""
+    arrays = {k: np.asarray(torch.as_tensor(v).detach().cpu().numpy()) for k, v in tensors.items()}  # tobytes() is C order
+    layout, offset = [], 0
+    for k, a in arrays.items():
+        layout.append([k, a.dtype.str, list(a.shape), offset])
+        offset += a.nbytes
+    data = b"".join(a.tobytes() for a in arrays.values())
+    head = json.dumps(layout).encode()
+    return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(data),), stype="raw-bytes", data=data),
+                        LAYOUT: Array(dtype="uint8", shape=(len(head),), stype="raw-bytes", data=head)})
+
+
+def unpack_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of ``pack_arrays`` (or of an ArrayRecord with one Array per tensor), each its own copy."""
+    if set(record.keys()) != {PACKED, LAYOUT}:
+        return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    data = bytes(record[PACKED].data)
+    out = {}
+    for k, dtype, shape, offset in json.loads(bytes(record[LAYOUT].data)):
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        a = np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(shape)
+        out[k] = torch.from_numpy(a.copy())
+    return out
+
+
 def state_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state_dict.items()})
+    return pack_arrays(state_dict)
 
 
 def record_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    return unpack_arrays(record)
 
 
 def tensors_record(tensors: dict[str, Any]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(torch.as_tensor(v).detach().cpu().numpy())) for k, v in tensors.items()})
+    return pack_arrays(tensors)
 
 
 def bytes_record(files: dict[str, bytes]) -> ArrayRecord:

@@ -16,13 +16,11 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
 from flwr.app import RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..client.records import json_config, message_content, state_record
+from ..client.records import json_config, message_content, record_state, state_record
 from ..shared.bn import BNSums, set_bn_statistics
 from ..shared.config import PHASES, RunConfig
 from ..shared.datasets import DatasetInfo, ImageSet, mean_std_from_sums
@@ -120,7 +118,7 @@ class RunDriver:
             got = [n for n in holders[key] if n in replies]
             if not got:
                 raise PapmError(f"no node returned BatchNorm statistics in phase {phase}; check the nodes and continue with --resume")
-            sums = [BNSums.from_arrays({k: v.numpy() for k, v in replies[n][f"bn-{key}"].items()}) for n in got]
+            sums = [BNSums.from_arrays(record_state(replies[n][f"bn-{key}"])) for n in got]
             set_bn_statistics(model, sum(sums[1:], sums[0]))
 
     def test_split(self) -> ImageSet:
@@ -159,7 +157,7 @@ class RunDriver:
         count = 0
         for node, content in replies.items():
             m = content["metrics"]
-            stats = {k: torch.from_numpy(np.array(v.numpy())) for k, v in content["stats"].items()}
+            stats = record_state(content["stats"])
             desc = {k: json.loads(v) for k, v in content["node"].items()}
             aug = (desc["hflip"], desc["crop_padding"], desc["dataset"])
             if desc["class_names"] != names:

@@ -15,7 +15,6 @@ import json
 from logging import INFO
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from flwr.common.logger import log
 
@@ -53,8 +52,9 @@ def run(d: RunDriver) -> None:
             raise PapmError("no node returned feature statistics; check the nodes and continue with --resume")
         torch.manual_seed(cfg.seed)
         head = FusionHead(hargs["feature_dims"], hargs["num_classes"], hargs["hidden"])
-        total = sum(torch.from_numpy(np.array(c["sums"]["sum"].numpy())) for c in replies.values())
-        total_sq = sum(torch.from_numpy(np.array(c["sums"]["sqsum"].numpy())) for c in replies.values())
+        sums = [record_state(c["sums"]) for c in replies.values()]
+        total = sum(s["sum"] for s in sums)
+        total_sq = sum(s["sqsum"] for s in sums)
         count = sum(int(c["metrics"]["num-examples"]) for c in replies.values())
         head.set_normalisation(total, total_sq, count)
     d.rd.rewind_metrics({"fusion": len(heads), "fusion-selection": None})

@@ -32,7 +32,6 @@ import math
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from flwr.common.logger import log
 
@@ -96,7 +95,7 @@ def group_apoz_counts(d: RunDriver, base, base_args, info, assignment: dict, mod
                     continue
                 contributed[g] += 1
                 counts[g] = counts[g] + ActivationCounts.from_arrays(
-                    {k: torch.from_numpy(np.array(v.numpy())) for k, v in replies[n][f"counts-{key}"].items()})
+                    record_state(replies[n][f"counts-{key}"]))
     d.group_nodes(assignment)  # a group whose every node failed just now stops the run here
     return counts, contributed
 

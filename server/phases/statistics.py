@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ...client.records import record_state
 from ...deploy.group_report import write_group_report
 from ...shared.class_stats import ClassStatistics
 from ...shared.errors import PapmError
@@ -28,7 +29,7 @@ def run(d: RunDriver) -> None:
         raise PapmError("no node returned class statistics; check the nodes and run again with --resume")
     stats = ClassStatistics.zeros(info.num_classes)
     for c in replies.values():
-        stats = stats + ClassStatistics.from_arrays({k: v.numpy() for k, v in c["stats"].items()})
+        stats = stats + ClassStatistics.from_arrays(record_state(c["stats"]))
     buf = {k: v.clone() for k, v in stats.to_arrays().items()}
     atomic_write(d.rd.path / "class_stats.pt", lambda p: torch.save(buf, p))
     check_k(d.cfg.devices, info.num_classes)
