@@ -24,7 +24,8 @@ from ..shared.fusion import build_head, feature_sums, fit_head
 from ..shared.models import build_model
 from ..shared.node_data import NodeData, load_node_data
 from ..shared.compression import masks_kept, nonzero_masks
-from ..shared.sparsity import MaskKeeper
+from ..shared.lowbit import layer_input_sums
+from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
 from ..shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
 from .drills import drill_mods
@@ -165,6 +166,27 @@ def apoz(msg: Message, context: Context) -> Message:
                                       node.cfg.seed + node.partition_id, node.device)
         arrays[f"counts-{job['key']}"] = tensors_record(counts.to_arrays())
         results[job["key"]] = {"num-examples": n}
+    return node.reply_jobs(arrays, results)
+
+
+@app.query("gptq_inputs")
+def gptq_inputs(msg: Message, context: Context) -> Message:
+    """For GPTQ on the server (``weight-quant=gptq``): ``X^T X`` and the row count of one layer's inputs (the job's
+    ``layer``; the layers before it arrive quantised) on up to ``calib-samples`` of this node's training images of
+    the job's group classes; a node without such images adds zero sums."""
+    node = Node(msg, context)
+    info = node.info()
+    arrays, results = {}, {}
+    for job in node.jobs():
+        model = node.model(job["key"]).to(node.device)
+        images = node.data.train.of_classes(job["classes"]).sample(node.cfg.calib_samples, node.cfg.seed + node.partition_id)
+        if len(images):
+            xtx, rows = layer_input_sums(model, job["layer"], normalise(images.x, info))
+        else:
+            width = weight_layers(model, True)[job["layer"]].weight[0].numel()
+            xtx, rows = torch.zeros(width, width), 0
+        arrays[f"xtx-{job['key']}"] = tensors_record({"xtx": xtx.cpu(), "rows": torch.tensor(rows)})
+        results[job["key"]] = {"num-examples": len(images)}
     return node.reply_jobs(arrays, results)
 
 

@@ -16,8 +16,8 @@ from flwr.common.logger import log
 from .worker import WorkerUnavailable, forward
 
 # every message type client_app.py handles (a test keeps the two lists equal)
-MESSAGE_TYPES = ("query.hello", "train.base", "query.bn_stats", "query.class_stats", "query.apoz", "train.finetune",
-                 "query.export", "query.feature_stats", "train.fusion", "query.fusion_val", "evaluate.default")
+MESSAGE_TYPES = ("query.hello", "train.base", "query.bn_stats", "query.class_stats", "query.apoz", "query.gptq_inputs",
+                 "train.finetune", "query.export", "query.feature_stats", "train.fusion", "query.fusion_val", "evaluate.default")
 
 app = ClientApp()
 

@@ -28,7 +28,7 @@ def compression_text(cfg: RunConfig) -> str:
         what += (f", {cfg.steps} iterative cuts" if cfg.schedule == "iterative" else "")
         what += (", data-free" if cfg.data_free else "") + ")"
     if c["weight_bits"]:
-        what += f", {c['weight_bits']}-bit weights"
+        what += f", {c['weight_bits']}-bit weights ({c['weight_quant']})"
     what += f" (level {cfg.level})" if cfg.level else ""
     return what + (f"; baseline {cfg.baseline}: one model for all classes" if cfg.baseline != "none" else "")
 

@@ -76,6 +76,7 @@ class RunConfig:
     # the groups' models then take no fine-tuning and no BatchNorm re-estimation
     sparsity: str = "none"  # none (channel pruning) | unstructured (zero `budget` of the conv weights) | 2:4 (budget unused)
     weight_bits: int = 0  # after fine-tuning, round weights to this many bits per output channel (0: fp32)
+    weight_quant: str = "rtn"  # rtn (round to nearest, on the server) | gptq (layer by layer on the nodes' input sums)
     level: int = 0  # 1..5: a rung of the compression ladder (sets sparsity and weight-bits; budget unused), 0: none
     # phase 4: export (on the nodes: each group's extractor to ONNX, INT8 calibrated on local images)
     int8: bool = False
@@ -189,8 +190,8 @@ class RunConfig:
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         need(0.0 <= self.val_fraction < 0.5, f"val-fraction must be in [0, 0.5), got {self.val_fraction}")
-        need(not self.level or (self.sparsity == "none" and self.weight_bits == 0),
-             f"level {self.level} sets sparsity and weight-bits itself; drop them (or drop level)")
+        need(not self.level or (self.sparsity == "none" and self.weight_bits == 0 and self.weight_quant == "rtn"),
+             f"level {self.level} sets sparsity and weight-bits itself (rounding to nearest); drop them (or drop level)")
         c = self.compression()
         need(c["sparsity"] == "none" and c["budget"] is not None
              or (self.criterion, self.alpha, self.round_to) == (RunConfig.criterion, RunConfig.alpha, RunConfig.round_to),
@@ -198,7 +199,7 @@ class RunConfig:
              "drop one or the other")
         check_compression(budget=c["budget"], criterion=self.criterion, schedule=self.schedule, steps=self.steps,
                           step_epochs=self.step_epochs, data_free=self.data_free, sparsity=c["sparsity"],
-                          weight_bits=c["weight_bits"], weight_quant="rtn", level=self.level, finetunes=False,
+                          weight_bits=c["weight_bits"], weight_quant=self.weight_quant, level=self.level, finetunes=False,
                           bn_recalibrate=False, kd=self.kd and self.data_free)
         need(self.stop_after in ("",) + PHASES, f"stop-after must be one of {', '.join(PHASES)}, got {self.stop_after!r}")
         return self
@@ -218,8 +219,8 @@ class RunConfig:
             budget = 1.0 - self.devices * (1.0 - budget)
         if self.level in LEVELS:
             rung = LEVELS[self.level]
-            return {"sparsity": rung.sparsity, "budget": budget, "weight_bits": rung.weight_bits}
-        return {"sparsity": self.sparsity, "budget": budget, "weight_bits": self.weight_bits}
+            return {"sparsity": rung.sparsity, "budget": budget, "weight_bits": rung.weight_bits, "weight_quant": rung.weight_quant}
+        return {"sparsity": self.sparsity, "budget": budget, "weight_bits": self.weight_bits, "weight_quant": self.weight_quant}
 
     def to_flower(self) -> dict[str, Any]:
         """Flat kebab-case dict of scalars (a Flower run config / ConfigRecord)."""

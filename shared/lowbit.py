@@ -177,6 +177,76 @@ def _forward_order(model: nn.Module, layers: dict[str, nn.Module], batch: torch.
     return order + [name for name in layers if name not in order]  # never called: zero Hessian, plain rounding
 
 
+def _check_gptq_layers(layers: dict[str, nn.Module]) -> None:
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or isinstance(layer.padding, str)
+                                             or layer.padding_mode != "zeros"):
+            raise PapmError(f"GPTQ handles plain convolutions only, not {name!r} (groups, string padding "
+                            "or non-zero padding mode); use round to nearest (rtn)")
+
+
+def _check_calibration(calibration) -> None:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or calibration.shape[0] == 0:
+        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise PapmError(f"calibration must be a non-empty (N, C, H, W) batch of images, got {shape}; "
+                        "pass e.g. 256 training images")
+    if not torch.isfinite(calibration).all():
+        raise PapmError("calibration images contain NaN or inf; pass finite, normalised images")
+
+
+def gptq_layer_order(model: nn.Module, example: torch.Tensor, include_classifier: bool = True) -> list[str]:
+    """The Conv2d/Linear layers GPTQ quantises, in the order a forward pass of ``example`` (one input batch,
+    any values: the order depends on the architecture only) calls them."""
+    layers = weight_layers(model, include_classifier)
+    _check_gptq_layers(layers)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _forward_order(model, layers, example)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def layer_input_sums(model: nn.Module, name: str, calibration: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, int]:
+    """``X^T X`` and the row count of X for layer ``name``: the inputs it gets from ``model`` as it is now (eval
+    mode) on the images ``calibration``, taken ``batch_size`` at a time. Sums add up: split calibration
+    images on several machines, add their sums, and GPTQ sees the inputs of all the images."""
+    layer = weight_layers(model, True)[name]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return _layer_hessian(model, layer, [b.to(device) for b in calibration.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def gptq_from_sums(model: nn.Module, bits: int, order: list[str], sums, *, damp: float = 0.01,
+                   block_size: int = 128) -> dict[str, dict[str, Any]]:
+    """GPTQ the layers ``order`` of ``model`` in place, one after another; ``sums(name)`` returns ``(X^T X, rows)``
+    of that layer's inputs through the model as it is then (the layers before it quantised already): computed
+    here (:func:`quantize_gptq`) or added up from the nodes of a federated run. Returns per layer
+    ``{"bits", "scale", "weight_mse", "samples"}`` (``samples``: rows of X seen)."""
+    bits = _check_bits(bits)
+    if not damp > 0:
+        raise PapmError(f"damp must be > 0, got {damp}")
+    layers = weight_layers(model, True)
+    stats = {}
+    for name in order:
+        H, rows = sums(name)
+        w = layers[name].weight
+        q, scale = gptq_weight(w.reshape(w.shape[0], -1), 2 * H.to(w.device) / max(rows, 1), bits, damp=damp,
+                               block_size=block_size)
+        q = q.reshape(w.shape)
+        stats[name] = {"bits": bits, "scale": scale.cpu(), "weight_mse": float((q - w.float()).pow(2).mean()),
+                       "samples": int(rows)}
+        w.copy_(q)
+    return stats
+
+
 @torch.no_grad()
 def quantize_gptq(
     model: nn.Module,
@@ -197,36 +267,10 @@ def quantize_gptq(
     ``{"bits", "scale", "weight_mse", "samples"}`` (``samples``: rows of X seen).
     """
     bits = _check_bits(bits)
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or calibration.shape[0] == 0:
-        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        raise PapmError(f"calibration must be a non-empty (N, C, H, W) batch of images, got {shape}; "
-                        "pass e.g. 256 training images")
-    if not torch.isfinite(calibration).all():
-        raise PapmError("calibration images contain NaN or inf; pass finite, normalised images")
+    _check_calibration(calibration)
     if not damp > 0 or batch_size < 1:
         raise PapmError(f"damp must be > 0 and batch_size >= 1, got damp={damp}, batch_size={batch_size}")
-    layers = weight_layers(model, include_classifier)
-    for name, layer in layers.items():
-        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or isinstance(layer.padding, str)
-                                             or layer.padding_mode != "zeros"):
-            raise PapmError(f"quantize_gptq handles plain convolutions only, not {name!r} (groups, string padding "
-                            "or non-zero padding mode); use quantize_rtn")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    batches = [b.to(device) for b in calibration.split(batch_size)]
-    stats = {}
-    try:
-        for name in _forward_order(model, layers, batches[0]):
-            layer = layers[name]  # the layers before it are quantised already: X is what it will see
-            H, rows = _layer_hessian(model, layer, batches)
-            w = layer.weight
-            q, scale = gptq_weight(w.reshape(w.shape[0], -1), 2 * H / max(rows, 1), bits, damp=damp,
-                                   block_size=block_size)
-            q = q.reshape(w.shape)
-            stats[name] = {"bits": bits, "scale": scale.cpu(), "weight_mse": float((q - w.float()).pow(2).mean()),
-                           "samples": rows}
-            w.copy_(q)
-    finally:
-        model.train(was_training)
-    return stats
+    order = gptq_layer_order(model, calibration[:1].to(device), include_classifier)
+    return gptq_from_sums(model, bits, order, lambda name: layer_input_sums(model, name, calibration, batch_size),
+                          damp=damp, block_size=block_size)

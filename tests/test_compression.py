@@ -250,3 +250,61 @@ def test_readme_level_table_is_the_ladder_in_the_code():
     from papm.shared.compression_options import level_table
 
     assert level_table() in (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_federated_gptq_equals_gptq_on_all_the_nodes_calibration_images_in_one_place(tmp_path):
+    """weight-quant=gptq: one exchange per layer, the nodes' X^T X summed on the server; the quantised models
+    are those of centralised GPTQ on the union of the images the nodes calibrated on."""
+    import copy
+
+    from papm.client.client_app import Node
+    from papm.shared.datasets import normalise
+    from papm.shared.lowbit import distinct_values_per_channel, gptq_layer_order, quantize_gptq
+
+    first = {}  # group -> the fine-tuned model as the first GPTQ exchange carried it
+    calib = {}  # (group, partition id) -> the images that node calibrated on
+    layers = []
+
+    def spy(msg, context):
+        if msg.metadata.message_type == "query.gptq_inputs":
+            node = Node(msg, context)
+            for job in node.jobs():
+                g = int(job["key"].split("-")[1])
+                layers.append(job["layer"]) if g == 0 and node.partition_id == 0 else None
+                first.setdefault(g, node.model(job["key"]))
+                images = node.data.train.of_classes(job["classes"]).sample(node.cfg.calib_samples, node.cfg.seed + node.partition_id)
+                calib[(g, node.partition_id)] = normalise(images.x, node.info())
+        return client_app(msg, context)
+
+    run = tmp_path / "run"
+    run_direct(RunConfig.from_overrides([*FED, "weight-bits=4", "weight-quant=gptq", "calib-samples=64", f"run-dir={run}"]),
+               app=spy)
+    for g in range(2):
+        fed, _, _ = load_checkpoint(run / "devices" / f"device-{g}" / "pruned.pt")
+        central = copy.deepcopy(first[g])
+        example = calib[(g, 0)][:1]
+        if g == 0:
+            assert layers == gptq_layer_order(central, example)  # one exchange per layer, in forward order
+        images = torch.cat([calib[(g, p)] for p in range(2)])
+        assert 0 < len(images) <= 2 * 64
+        quantize_gptq(central, 4, images, batch_size=64)
+        for (name, a), b in zip(fed.named_modules(), central.modules()):
+            if isinstance(a, (torch.nn.Conv2d, torch.nn.Linear)):
+                assert distinct_values_per_channel(a.weight) <= 2 ** 4
+                # the same sums up to float addition order (bit for bit here): at most a rare rounding tie apart
+                assert (a.weight != b.weight).float().mean() <= 0.001, name
+                assert torch.allclose(a.weight, b.weight, atol=a.weight.abs().max().item() / 7), name
+        report = json.loads((run / "devices" / f"device-{g}" / "prune.json").read_text())
+        assert report["weights"]["weight_quant"] == "gptq" and report["weights"]["calibration_samples"] == len(images)
+    summary = (run / "summary.md").read_text()
+    assert "4-bit weights (gptq)" in summary
+
+
+def test_gptq_is_refused_where_it_has_no_images_or_a_level_sets_the_rounding(tmp_path):
+    for sets, needle in ((["weight-quant=gptq"], "give weight-bits"),
+                         (["data-free=true", "criterion=l1", "weight-bits=4", "weight-quant=gptq", "finetune-epochs=0"],
+                          "use weight-quant rtn"),
+                         (["level=3", "weight-quant=gptq"], "level 3 sets sparsity and weight-bits")):
+        line = _one_error_line(run_papm("simulate", *[x for s in sets for x in ("--set", s)], "--run-dir", "r", cwd=tmp_path))
+        assert needle in line, (sets, line)
+    assert not (tmp_path / "r").exists()

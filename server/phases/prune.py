@@ -21,7 +21,9 @@ The compression options (``compression_options.py``) change the cut, not the rou
 current model, with one FedAvg round of ``step-epochs`` (or BatchNorm re-estimation only)
 between cuts; ``data-free`` cuts by weights alone and restores the removed channels in the next
 layers, with no fine-tuning; ``sparsity`` zeroes single weights instead (the nodes keep zeros
-zero while fine-tuning); ``weight-bits`` rounds the fine-tuned weights per output channel.
+zero while fine-tuning); ``weight-bits`` rounds the fine-tuned weights per output channel, to nearest
+on the server (``weight-quant=rtn``) or by GPTQ (``gptq``): layer by layer, each layer's input statistics
+``X^T X`` summed over the nodes' images of the group's classes (one exchange per layer).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ...shared.errors import PapmError
 from ...shared.files import atomic_write_csv, atomic_write_json
 from ...shared.compression import quantize_weights, size_report, sparsity_masks
 from ...shared.importance import ActivationCounts
+from ...shared.lowbit import gptq_from_sums, gptq_layer_order
 from ...shared.models import build_model
 from ...shared.pruning import macs_and_params
 from ...shared.restore import restore_after_pruning
@@ -208,10 +211,40 @@ def run(d: RunDriver) -> None:
     if not cfg.data_free:  # data-free models take no step on data
         finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start)
     weights = {}
-    if cfg.compression()["weight_bits"]:  # after fine-tuning and BatchNorm: the weights the devices run
+    bits = cfg.compression()["weight_bits"]
+    if bits and cfg.compression()["weight_quant"] == "gptq":  # after fine-tuning and BatchNorm: what the devices run
+        weights = gptq(d, models, args, info, assignment, bits)
+    elif bits:
         for g, model in models.items():
-            weights[g] = quantize_weights(model, cfg.compression()["weight_bits"], "rtn", None, info)
+            weights[g] = quantize_weights(model, bits, "rtn", None, info)
     write_outputs(d, models, args, base, info, groups, apoz_nodes, weights)
+
+
+def gptq(d: RunDriver, models: dict, args: dict, info, assignment: dict, bits: int) -> dict:
+    """GPTQ of every group's model, layer by layer in forward order, with one exchange per layer for all groups:
+    the nodes return ``X^T X`` of the layer's inputs (through the layers quantised so far) on their images of the
+    group's classes, and the summed statistics are exactly those of all their calibration images in one place."""
+    groups = assignment["groups"]
+    holders = workers(d, assignment)
+    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+    orders = {g: gptq_layer_order(models[g], example) for g in models}
+    images = {g: 0 for g in models}
+    for i in range(max(len(o) for o in orders.values())):
+        todo = [g for g in models if i < len(orders[g])]
+        jobs = {job_key(g): {"classes": groups[g], "layer": orders[g][i]} for g in todo}
+        requests = d.job_requests({job_key(g): holders[job_key(g)] for g in todo},
+                                  {job_key(g): (models[g], args[g]) for g in todo}, {"data-info": info.to_dict()}, {}, jobs)
+        replies = d.send("prune", "query.gptq_inputs", requests)
+        for g in todo:
+            got = [n for n in holders[job_key(g)] if n in replies]
+            if not got:
+                raise PapmError(f"device group {g} lost every node during GPTQ; bring one back and continue with --resume")
+            sums = [record_state(replies[n][f"xtx-{job_key(g)}"]) for n in got]
+            if i == 0:
+                images[g] = sum(json.loads(replies[n]["results"][job_key(g)])["num-examples"] for n in got)
+            total = (sum(s["xtx"].double() for s in sums).float(), sum(int(s["rows"]) for s in sums))
+            gptq_from_sums(models[g], bits, [orders[g][i]], lambda _name, total=total: total)
+    return {g: {"weight_bits": bits, "weight_quant": "gptq", "calibration_samples": images[g]} for g in models}
 
 
 def test_accuracy(d: RunDriver, model, info, classes: list[int]) -> dict:
