@@ -9,13 +9,17 @@ init --insecure` kit (a SuperLink, ``--nodes`` SuperNodes, `flwr run`), first wi
 (Flower starts a fresh ClientApp process, importing torch and reading the data, for every
 message), then with a `papm node` worker beside every SuperNode. Each run directory's
 state.json records every phase's seconds and message exchanges; the overhead of an exchange is
-(deployment seconds - simulation seconds) / exchanges, per phase and in all.
+(deployment seconds - simulation seconds) / exchanges, per phase and in all; with workers, also the
+seconds per exchange outside the nodes' handlers (the workers log each handler's time). The nodes
+share this machine's cores, so each gets one torch thread (`papm node --threads 1`, OMP_NUM_THREADS=1
+for the SuperNodes' app processes), as the simulation gives each client one CPU.
 Writes benchmarks/bench_deploy.json and adds a row to benchmarks/bench_deploy.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -58,12 +62,15 @@ def deploy(work: Path, name: str, nodes: int, sets: list[str], workers: bool) ->
     home, kit, port = base / "flwr-home", base / "kit", free_port()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    # the nodes share this machine's cores: one torch thread each, as the simulation gives each client one CPU
+    # (several nodes with a thread per core each made every handler several times slower here)
+    node_env = {**env, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "papm.cli", "deploy", "init", str(kit), "--insecure", "--nodes", str(nodes),
                     "--superlink", f"127.0.0.1:{port}", "--flwr-home", str(home)] + ([] if workers else ["--no-worker"]),
                    check=True, capture_output=True, env=env, cwd=ROOT)
     procs = []
 
-    def spawn(log: str, cmd: list[str]) -> subprocess.Popen:
+    def spawn(log: str, cmd: list[str], env: dict = env) -> subprocess.Popen:
         with open(base / log, "ab") as f:
             p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True)
         procs.append(p)
@@ -75,9 +82,10 @@ def deploy(work: Path, name: str, nodes: int, sets: list[str], workers: bool) ->
         for i in range(nodes):
             cfg = tomllib.loads((kit / f"nodes/node{i}.toml").read_text())
             if workers:
-                spawn(f"worker{i}.log", [sys.executable, "-m", "papm.cli", "node", "--socket", cfg["worker-socket"]])
+                spawn(f"worker{i}.log", [sys.executable, "-m", "papm.cli", "node", "--socket", cfg["worker-socket"],
+                                         "--threads", "1"], node_env)
             spawn(f"node{i}.log", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--insecure",
-                                   "--port", str(free_port()), "--node-config", str(kit / f"nodes/node{i}.toml")])
+                                   "--port", str(free_port()), "--node-config", str(kit / f"nodes/node{i}.toml")], node_env)
         time.sleep(5)
         run = base / "run"
         run_cfg = " ".join([f'run-dir="{run}"', f"nodes={nodes}"] + [
@@ -108,6 +116,17 @@ def deploy(work: Path, name: str, nodes: int, sets: list[str], workers: bool) ->
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def handler_seconds(base: Path, nodes: int) -> float:
+    """The nodes' handler time on the critical path of a run with workers: the k-th message of every node
+    belongs to the k-th exchange (every node takes part in every exchange), which lasts as long as its slowest
+    handler; each worker logs "papm node: TYPE answered in S s" per message."""
+    times = []
+    for i in range(nodes):
+        lines = (base / f"worker{i}.log").read_text().splitlines()
+        times.append([float(line.split(" answered in ")[1].split()[0]) for line in lines if " answered in " in line])
+    return sum(max(t) for t in itertools.zip_longest(*times, fillvalue=0.0))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=3)
@@ -121,6 +140,7 @@ def main(argv=None) -> int:
         sim_wall, sim = simulate(work, sets)
         cold_wall, cold = deploy(work, "cold", args.nodes, args.set, workers=False)
         warm_wall, warm = deploy(work, "warm", args.nodes, args.set, workers=True)
+        handlers = handler_seconds(work / "warm", args.nodes)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -140,17 +160,24 @@ def main(argv=None) -> int:
            "overhead_per_exchange_s": round((cold_s - sim_s) / max(1, exchanges), 2),
            "overhead_per_exchange_worker_s": round((warm_s - sim_s) / max(1, exchanges), 2),
            "deploy_vs_simulate": round(cold_s / sim_s, 2), "deploy_worker_vs_simulate": round(warm_s / sim_s, 2),
+           # with workers: the seconds per exchange outside the nodes' handlers (Flower's messaging and process starts,
+           # plus the server's own work: aggregation, evaluation; a few seconds in all in the simulation)
+           "worker_handlers_s": round(handlers, 1),
+           "outside_handlers_per_exchange_s": round((warm_s - handlers) / max(1, exchanges), 2),
            "wall_s": {"simulate": round(sim_wall, 1), "deploy": round(cold_wall, 1), "deploy_worker": round(warm_wall, 1)},
            "phases": {"simulate": sim, "deploy": cold, "deploy_worker": warm},
            "command": "python benchmarks/bench_deploy.py " + " ".join([f"--nodes {args.nodes}"] + [f"--set {s}" for s in args.set])}
     print(f"all phases: simulate {sim_s:.1f} s, deployment {cold_s:.1f} s ({row['deploy_vs_simulate']}x, "
           f"{row['overhead_per_exchange_s']} s per exchange), with workers {warm_s:.1f} s ({row['deploy_worker_vs_simulate']}x, "
-          f"{row['overhead_per_exchange_worker_s']} s per exchange); {exchanges} exchanges")
+          f"{row['overhead_per_exchange_worker_s']} s per exchange); {exchanges} exchanges; with workers "
+          f"{handlers:.1f} s in the nodes' handlers (slowest node per exchange), "
+          f"{row['outside_handlers_per_exchange_s']} s per exchange outside them")
     js, md = record(args.out, "bench_deploy", row, {
         "date": "date", "command": "command", "exchanges": "exchanges", "simulate s": "simulate_s", "deploy s": "deploy_s",
         "deploy + workers s": "deploy_worker_s", "overhead/exchange s": "overhead_per_exchange_s",
         "overhead/exchange + workers s": "overhead_per_exchange_worker_s", "deploy/simulate": "deploy_vs_simulate",
-        "deploy + workers/simulate": "deploy_worker_vs_simulate"})
+        "deploy + workers/simulate": "deploy_worker_vs_simulate",
+        "per exchange outside the handlers (workers) s": "outside_handlers_per_exchange_s"})
     print(f"wrote {js} and {md}")
     return 0
 

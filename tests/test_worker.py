@@ -84,3 +84,20 @@ def test_papm_node_refuses_a_socket_folder_open_to_other_users(tmp_path):
     r = run_papm("node", "--socket", str(folder / "s.sock"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "open to other users" in r.stderr and "chmod 700" in r.stderr
+
+
+def test_papm_node_threads_is_checked_and_sets_torch_threads(tmp_path):
+    r = run_papm("node", "--socket", str(tmp_path / "s.sock"), "--threads", "-1", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --threads must be >= 0 (0: all cores), got -1; "
+                                                                    "pass e.g. --threads 1"]
+    assert not (tmp_path / "s.sock").exists()
+    folder = tmp_path / "w"
+    folder.mkdir(mode=0o700)
+    sock = folder / "node.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "papm.cli", "node", "--socket", str(sock), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == f"papm node: serving on {sock} (torch threads: 1)", proc.stdout.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
