@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..shared.config import RunConfig
 from ..shared.errors import PapmError
 from ..shared.files import atomic_write_bytes, atomic_write_text
 
@@ -70,7 +71,10 @@ def collect(root: Path, measure_latency: bool = True) -> tuple[list[dict], list[
     run_dirs = sorted(p.parent for p in root.glob("*/config.json"))
     if not run_dirs:
         raise PapmError(f"{root} holds no run directories (*/config.json); point papm report at a suite's folder")
-    configs = {d.name: _json(d / "config.json") or {} for d in run_dirs}
+    # a run made before a key existed behaved as its default: without this, adding a run with a new key to an
+    # older suite would show the old runs' value as None (a varying column of nothing)
+    defaults = RunConfig().to_flower()
+    configs = {d.name: {**defaults, **(_json(d / "config.json") or {})} for d in run_dirs}
     keys = sorted({k for c in configs.values() for k in c})
     varying = [k for k in keys if k not in IGNORED_KEYS and k != "fingerprint"
                and len({json.dumps(c.get(k), sort_keys=True) for c in configs.values()}) > 1]
