@@ -52,16 +52,9 @@ def unpack_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return out
 
 
-def state_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
-    return pack_arrays(state_dict)
-
-
-def record_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return unpack_arrays(record)
-
-
-def tensors_record(tensors: dict[str, Any]) -> ArrayRecord:
-    return pack_arrays(tensors)
+# the names the handlers and phases use: a model's state dict, or any named tensors (sums, counts)
+state_record = tensors_record = pack_arrays
+record_state = unpack_arrays
 
 
 def bytes_record(files: dict[str, bytes]) -> ArrayRecord:

@@ -211,8 +211,9 @@ def run(d: RunDriver) -> None:
     if not cfg.data_free:  # data-free models take no step on data
         finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start)
     weights = {}
-    bits = cfg.compression()["weight_bits"]
-    if bits and cfg.compression()["weight_quant"] == "gptq":  # after fine-tuning and BatchNorm: what the devices run
+    compression = cfg.compression()
+    bits = compression["weight_bits"]
+    if bits and compression["weight_quant"] == "gptq":  # after fine-tuning and BatchNorm: what the devices run
         weights = gptq(d, models, args, info, assignment, bits)
     elif bits:
         for g, model in models.items():
