@@ -4,85 +4,34 @@ Handlers only translate records: the work is done by ``papm.shared``. Every
 message carries the resolved run config, so a node needs nothing but its node
 config (``partition-id``, ``num-partitions``, optionally ``data-root`` for the
 device's own ImageFolder tree). Each reply names the node's ``partition-id``.
+``node.py`` holds what the handlers work with (the node, its data, the received models).
 """
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
-from ..shared.datasets import DatasetInfo, normalise, pixel_sums
-from ..shared.fusion import build_head, feature_sums, fit_head
-from ..shared.models import build_model
-from ..shared.node_data import NodeData, load_node_data
+from ..shared.datasets import normalise, pixel_sums
+from ..shared.fusion import feature_sums, fit_head
 from ..shared.compression import masks_kept, nonzero_masks
 from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
-from ..shared.training import TrainSettings, fit, predict_logits, resolve_device, round_lr
+from ..shared.training import TrainSettings, fit, predict_logits, round_lr
 from .drills import drill_mods
-from .records import bytes_record, config_json, json_config, record_run_config, record_state, state_record, tensors_record
+from .node import Node, features, received_head, train_settings, val_counts
+from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record
 
 app = ClientApp(mods=drill_mods())  # failure drills only when PAPM_INJECT_FAULT is set
 
 FEDBN_KEY = "papm-fedbn"  # context.state: this node's own BatchNorm layers under bn=local
-_FEATURES: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()  # per-process cache
-
-
-class Node:
-    """What a handler needs: the run config, this node's identity and data."""
-
-    def __init__(self, msg: Message, context: Context):
-        self.cfg = record_run_config(msg.content["run-config"])
-        nc = context.node_config
-        self.partition_id = int(nc.get("partition-id", 0))
-        self.num_partitions = int(nc.get("num-partitions", 1))
-        self.data: NodeData = load_node_data(self.cfg, self.partition_id, self.num_partitions, str(nc.get("data-root", "")))
-        self.device = resolve_device(self.cfg.device)
-        self.msg = msg
-
-    def info(self) -> DatasetInfo:
-        """The run's dataset info (global normalisation) sent by the server."""
-        return DatasetInfo.from_dict(config_json(self.msg.content["papm"], "data-info"))
-
-    def model(self, key: str = "model"):
-        args = config_json(self.msg.content["papm"], f"{key}-args")
-        model = build_model(args)
-        model.load_state_dict(record_state(self.msg.content[key]))
-        return model
-
-    def jobs(self) -> list[dict]:
-        """The message's jobs: one per model it carries (``{"key", ...}``, the model under ``key``)."""
-        return config_json(self.msg.content["papm"], "jobs")
-
-    def reply_jobs(self, arrays: dict, results: dict) -> Message:
-        reply = self.reply(arrays, **{"num-examples": len(self.data.train)})
-        reply.content["results"] = json_config(**results)
-        return reply
-
-    def reply(self, arrays: dict | None = None, **metric_values) -> Message:
-        content = RecordDict({"metrics": MetricRecord({"partition-id": self.partition_id, **metric_values})})
-        if arrays:
-            for name, record in arrays.items():
-                content[name] = record
-        return Message(content=content, reply_to=self.msg)
-
-
-def _settings(node: Node, lr: float, round_: int, steps: int, rounds: int) -> TrainSettings:
-    """One FedAvg round of local training: ``steps`` SGD steps as a window of one warm-up-and-decay
-    schedule over all ``rounds`` (so the rounds continue the schedule instead of restarting it).
-    A different seed per node and round, reproducible for the run."""
-    return TrainSettings(epochs=0, steps=steps, lr=lr, batch_size=node.cfg.batch_size, warmup=0.1,
-                         seed=node.cfg.seed + 1000 * round_ + node.partition_id, select_on_val=False,
-                         schedule_total=steps * rounds, schedule_start=steps * round_)
 
 
 @app.query("hello")
@@ -201,7 +150,7 @@ def finetune(msg: Message, context: Context) -> Message:
     arrays, results = {}, {}
     for job in node.jobs():
         model = node.model(job["key"])
-        settings = _settings(node, cfg.finetune_lr, job["round"], job["steps"], job.get("rounds", cfg.finetune_rounds))
+        settings = train_settings(node, cfg.finetune_lr, job["round"], job["steps"], job.get("rounds", cfg.finetune_rounds))
         # a sparse model: the weights that arrive zero stay zero (the server's masks, without sending them)
         keeper = MaskKeeper(model, nonzero_masks(model)) if job.get("keep-zeros") else None
         with masks_kept(keeper):
@@ -259,56 +208,12 @@ def export(msg: Message, context: Context) -> Message:
     return reply
 
 
-def _extractors(node: Node) -> list:
-    count = int(node.msg.content["papm"]["extractors"])
-    return [node.model(f"extractor-{k}").eval() for k in range(count)]
-
-
-def _features(node: Node, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated features of all extractors on a local split (cached per process)."""
-    digest = hashlib.sha256()
-    for k in range(int(node.msg.content["papm"]["extractors"])):
-        for name, arr in node.msg.content[f"extractor-{k}"].items():
-            digest.update(name.encode())
-            digest.update(arr.data)
-    key = f"{node.partition_id}/{node.num_partitions}/{split}/{digest.hexdigest()}"
-    if key not in _FEATURES:
-        data = getattr(node.data, split)
-        info = node.info()
-        extractors = [e.to(node.device) for e in _extractors(node)]
-        parts = []
-        with torch.no_grad():  # batch by batch: a float copy of a whole split would be 4x its uint8 size
-            for i in range(0, len(data), 512):
-                x = normalise(data.x[i:i + 512].to(node.device), info)
-                parts.append(torch.cat([e.features(x) for e in extractors], dim=1).float().cpu())
-        feats = torch.cat(parts) if parts else torch.empty(0, 0)
-        _FEATURES[key] = (feats, data.y.clone())
-        while len(_FEATURES) > 8:
-            _FEATURES.popitem(last=False)
-    return _FEATURES[key]
-
-
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
     node = Node(msg, context)
-    feats, _ = _features(node, "train")
+    feats, _ = features(node, "train")
     total, total_sq, count = feature_sums(feats)
     return node.reply({"sums": tensors_record({"sum": total, "sqsum": total_sq})}, **{"num-examples": count})
-
-
-def _head(node: Node):
-    head = build_head(config_json(node.msg.content["papm"], "head-args"))
-    head.load_state_dict(record_state(node.msg.content["head"]))
-    return head.eval()
-
-
-def _val_counts(node: Node, head) -> dict:
-    """How many of this node's local evaluation images ``head`` gets right (counts add up across nodes)."""
-    if not len(node.data.val):
-        return {"val-correct": 0, "val-count": 0}
-    feats, labels = _features(node, "val")
-    with torch.no_grad():
-        return {"val-correct": int((head.eval()(feats).argmax(1) == labels).sum()), "val-count": len(labels)}
 
 
 @app.train("fusion")
@@ -316,9 +221,9 @@ def fusion(msg: Message, context: Context) -> Message:
     """One FedAvg round of the head: the received head's local validation counts (for the server's
     choice of round), then local training on the frozen extractors' features."""
     node = Node(msg, context)
-    feats, labels = _features(node, "train")
-    head = _head(node)
-    val = _val_counts(node, head)
+    feats, labels = features(node, "train")
+    head = received_head(node)
+    val = val_counts(node, head)
     rnd = int(msg.content["papm"]["round"])
     result = fit_head(head, feats, labels, epochs=node.cfg.fusion_epochs, lr=node.cfg.fusion_lr,
                       batch_size=node.cfg.batch_size, seed=node.cfg.seed + 1000 * rnd + node.partition_id)
@@ -329,7 +234,7 @@ def fusion(msg: Message, context: Context) -> Message:
 def fusion_val(msg: Message, context: Context) -> Message:
     """The head's local validation counts (the last round's head, which no further round reports)."""
     node = Node(msg, context)
-    return node.reply(**{"num-examples": len(node.data.val), **_val_counts(node, _head(node))})
+    return node.reply(**{"num-examples": len(node.data.val), **val_counts(node, received_head(node))})
 
 
 @app.evaluate()
@@ -341,9 +246,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     base_pred = None
     if len(val):
         base_pred = predict_logits(node.model(), val, info, node.device).argmax(1)
-        feats, labels = _features(node, "val")
+        feats, labels = features(node, "val")
         with torch.no_grad():
-            fusion_pred = _head(node)(feats).argmax(1)
+            fusion_pred = received_head(node)(feats).argmax(1)
     n = len(val)
     return node.reply(**{
         "num-examples": n,

@@ -115,6 +115,9 @@ def serve(socket_path: str | Path, app=None, ready: threading.Event | None = Non
         raise PapmError(f"socket path {path} is too long for a Unix socket ({len(os.fsencode(str(path)))} bytes > 100); "
                         "choose a shorter --socket")
     check_socket_folder(path)
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.lstat().st_mode)):
+        raise PapmError(f"{path} exists and is not a socket; papm node replaces only a stale socket of its own: "
+                        "choose another --socket path")
     if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -127,11 +130,8 @@ def serve(socket_path: str | Path, app=None, ready: threading.Event | None = Non
     if app is None:
         from .client_app import app  # torch, the handlers: loaded once, here
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket file is born 0600
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old)
+    server.bind(str(path))  # in a folder closed to other users (checked above), so no one else can reach it
+    os.chmod(path, 0o600)  # and the socket itself is the owner's only (the umask is process-wide: left alone)
     server.listen(8)
     server.settimeout(0.5)
     if ready is not None:

@@ -281,6 +281,19 @@ def load_bundle(bundle_dir: Path | str, verify_key: Path | str | None = None, qu
         if path.stat().st_size != entry.get("bytes", path.stat().st_size) or sha256_file(path) != entry["sha256"]:
             raise PapmError(f"bundle file {path} does not match its sha256 in the manifest (tampered or damaged); "
                             "copy the bundle again or re-export it")
-    if verify_key is None and not quiet:
-        _warn_once(f"no --verify-key given: {bundle_dir} checked against its manifest checksums only, not its signature")
-    return Bundle(bundle_dir, manifest, signed=verify_key is not None)
+    bundle = Bundle(bundle_dir, manifest, signed=verify_key is not None)
+    if not quiet:
+        warn_if_unsigned(bundle)
+    return bundle
+
+
+def warn_if_unsigned(bundle: Bundle) -> None:
+    """The note for a bundle used without --verify-key (the edge commands print it after their work, so that an
+    error stays the only line of a failed command)."""
+    if not bundle.signed:
+        _warn_once(f"no --verify-key given: {bundle.path} checked against its manifest checksums only, not its signature")
+
+
+def check_signing_key(path: Path | str) -> None:
+    """An unreadable, encrypted or non-Ed25519 signing key is one line at the start of a run, not after it."""
+    _load_key(path, private=True)

@@ -39,7 +39,8 @@ def add_deploy_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_deploy(args) -> int:
-    from .supernode_kit import INSECURE_WARNING, KitSpec, init_kit
+    from .kit_commands import INSECURE_WARNING
+    from .supernode_kit import KitSpec, init_kit
 
     if args.deploy_command != "init":  # argparse allows only init today
         raise SystemExit(f"unknown deploy action {args.deploy_command}")
@@ -47,8 +48,6 @@ def run_deploy(args) -> int:
                    nodes=args.nodes, superlink=args.superlink, data_root_template=args.data_root_template,
                    flwr_home=Path(args.flwr_home) if args.flwr_home else None, connection=args.connection,
                    insecure=args.insecure, force=args.force, days=args.days, warm_worker=not args.no_worker)
-    if spec.insecure:
-        print(INSECURE_WARNING, file=sys.stderr)
     kit = init_kit(spec)
     print(f"kit: {kit.directory}")
     if kit.ca_cert:
@@ -67,8 +66,9 @@ def run_deploy(args) -> int:
         # the SuperLink's database still trusts the keys registered before this kit was remade
         print(f"note: {kit.directory / 'superlink.db'} keeps earlier node registrations; delete it while the "
               "SuperLink is stopped to forget the old keys", file=sys.stderr)
-    if spec.insecure:
+    if spec.insecure:  # last, on both streams: seen on a terminal and in a log of either (an error stays alone)
         print(INSECURE_WARNING)
+        print(INSECURE_WARNING, file=sys.stderr)
     return 0
 
 

@@ -11,8 +11,10 @@ import platform
 import re
 import sys
 from importlib import metadata
+from pathlib import Path
 
 ROLES = ("edge", "node", "coordinator")
+ROLE_ALIASES = {"all": "coordinator"}  # the `all` extra is the coordinator's packages
 DISTRIBUTION = "papm-fl"
 
 
@@ -61,10 +63,56 @@ def check(requirement: str) -> str | None:
     return None
 
 
+def install_source() -> str:
+    """What to name in a pip command: this checkout when papm runs from one (an editable install), else the
+    distribution name (a wheel built from the repository, or an index that serves it)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return str(root)
+    return DISTRIBUTION
+
+
+def fix_command(role: str) -> str:
+    """The command that completes ``role`` in this environment."""
+    source = install_source()
+    if source == DISTRIBUTION:  # installed from a wheel or a copy of the repository: name it where papm-fl stands
+        return f'pip install "{DISTRIBUTION}[{role}]"   ({DISTRIBUTION}: the repository\'s folder or a wheel built from it)'
+    constraints = Path(source) / "constraints.txt"
+    pins = f" -c {constraints}" if constraints.is_file() else ""
+    return f'pip install -e "{source}[{role}]"{pins}'
+
+
+def torch_line() -> str:
+    """torch's version and device; an installed torch that fails to import is reported, not raised."""
+    if check("torch") is not None:
+        return "torch: not installed (fine for the edge role)"
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        gpu = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if cuda else "CUDA not available"
+        return f"torch {torch.__version__}: device {'cuda' if cuda else 'cpu'} ({gpu})"
+    except Exception as e:  # noqa: BLE001 - a broken build (a missing CUDA library, an ABI clash) is what to show
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return f"torch: installed but `import torch` fails ({type(e).__name__}: {first}); reinstall torch for this machine"
+
+
+def package_versions(names: list[str]) -> str:
+    """``name version`` of every installed distribution among ``names``, in that order."""
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found) if found else "none"
+
+
 def report(role: str | None = None) -> tuple[str, bool]:
     """(the screen, whether ``role`` is complete; True when no role is named)."""
     from ..shared.cpu import cpu_features
 
+    role = ROLE_ALIASES.get(role, role)
     lines = []
     try:
         version = metadata.version(DISTRIBUTION)
@@ -80,16 +128,12 @@ def report(role: str | None = None) -> tuple[str, bool]:
         lines.append(f"ONNX Runtime {ort.__version__}: providers {', '.join(ort.get_available_providers())}")
     except ImportError:
         lines.append("ONNX Runtime: not installed")
-    if check("torch") is None:
-        import torch
-
-        gpu = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CUDA not available"
-        lines.append(f"torch {torch.__version__}: device {'cuda' if torch.cuda.is_available() else 'cpu'} ({gpu})")
-    else:
-        lines.append("torch: not installed (fine for the edge role)")
+    lines.append(torch_line())
     roles = role_requirements()
     if not roles:
         return "\n".join(lines + ["papm-fl is not installed as a distribution; install it with pip to check its roles"]), False
+    names = [re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0] for req in roles["coordinator"]]
+    lines.append("packages: " + package_versions([n for n in dict.fromkeys(names) if n not in ("torch", "onnxruntime")]))
     lines.append("")
     lines.append(f"{'role':<12} {'status':<9} what it runs")
     runs = {"edge": "papm infer, papm bench (no torch)",
@@ -104,15 +148,19 @@ def report(role: str | None = None) -> tuple[str, bool]:
         for req, why in problems:
             lines.append(f"{'':<22}- {req} ({why})")
         if problems and (role is None or role == r):
-            fixes.append(f'pip install "papm-fl[{r}]"   (from a checkout: pip install -e ".[{r}]" -c constraints.txt)')
+            fixes.append(f"fix for {r}: {fix_command(r)}")
     if fixes:
-        lines += ["", "fix: " + fixes[0]]
+        lines += [""] + fixes
+        if "-c " in fixes[-1]:
+            lines.append("(on a device with its own torch build, a Jetson say, leave out -c constraints.txt: it pins "
+                         "the x86 CPU wheels CI tests)")
     return "\n".join(lines), complete.get(role, True) if role else True
 
 
 def add_doctor_parser(sub) -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="what this install can run (edge, node, coordinator) and what is missing")
-    d.add_argument("--role", choices=ROLES, default=None, help="exit 1 unless this role is complete")
+    d.add_argument("--role", choices=ROLES + tuple(ROLE_ALIASES), default=None,
+                   help="exit 1 unless this role is complete (all: the coordinator, which has everything)")
     return d
 
 

@@ -32,6 +32,12 @@ def run_export(args: argparse.Namespace) -> int:
     from ..shared.errors import PapmError
     from .assemble import export_run
 
+    from ..shared.files import check_writable
+
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=True)
+    if getattr(args, "new_key", None) is not None:
+        check_writable(args.new_key, "--new-key", folder=True)
     sign_key = args.sign_key
     if not getattr(args, "new_key", None):
         result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=sign_key, force=args.force,

@@ -25,5 +25,8 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     out = {}
     for k in keys:
         acc = sum(s[k].double() * (w / total) for s, w in zip(states, weights))
+        if states[0][k].is_floating_point() and not torch.isfinite(acc).all():
+            raise PapmError(f"the nodes' averaged {k} holds NaN or infinite values: training diverged; lower the learning "
+                            "rate (base-lr, finetune-lr or fusion-lr) and start the run again")
         out[k] = acc.round().to(states[0][k].dtype) if not states[0][k].is_floating_point() else acc.to(states[0][k].dtype)
     return out

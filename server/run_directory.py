@@ -164,6 +164,9 @@ class RunDirectory:
             data = json.loads(self.config_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise PapmError(f"{self.config_file} is unreadable ({e}); the run directory is damaged, start a new one") from None
+        if not isinstance(data, dict):
+            raise PapmError(f"{self.config_file} holds a JSON {type(data).__name__}, not the run's settings; the run "
+                            "directory is damaged, start a new one")
         data.pop("fingerprint", None)
         return RunConfig.from_mapping(data, source=str(self.config_file))
 
@@ -171,9 +174,16 @@ class RunDirectory:
         if not self.state_file.exists():
             return {}
         try:
-            return json.loads(self.state_file.read_text())
-        except json.JSONDecodeError:
+            state = json.loads(self.state_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise PapmError(f"{self.state_file} is damaged; start a new run directory") from None
+        # a hand-edited or foreign file: the shape every reader relies on, checked once here
+        if not isinstance(state, dict) or not isinstance(state.get("completed", []), list) \
+                or not all(isinstance(p, str) for p in state.get("completed", [])) \
+                or not isinstance(state.get("phases", {}), dict) or not isinstance(state.get("failures", []), list):
+            raise PapmError(f"{self.state_file} is damaged (not the run's state: a JSON object whose completed is a "
+                            "list of phase names); start a new run directory")
+        return state
 
     def completed(self) -> list[str]:
         return list(self.state().get("completed", []))

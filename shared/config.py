@@ -162,6 +162,8 @@ class RunConfig:
              f"budget {self.budget:g} is not used with " + ("level " + str(self.level) if self.level else "sparsity 2:4")
              + " (it sets its own); drop budget")
         need(self.int8_activations in ("u8", "s8"), f"int8-activations must be u8 or s8, got {self.int8_activations!r}")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(bool(self.run_dir.strip()), "run-dir is empty; give a folder for the run, e.g. runs/demo")
         need(self.finetune_nodes in ("all", "group"), f"finetune-nodes must be all or group, got {self.finetune_nodes!r}")
         need(self.partitioner in ("iid", "dirichlet", "by-group"), f"partitioner must be iid, dirichlet or by-group, got {self.partitioner!r}")
         need(self.nodes >= 1, f"nodes must be >= 1, got {self.nodes}")

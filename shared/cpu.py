@@ -14,8 +14,8 @@ from functools import lru_cache
 
 @lru_cache(maxsize=1)
 def cpu_features() -> dict:
-    """{"arch", "avx2", "avx512", "vnni", "arm_dotprod", "isa"}: read from /proc/cpuinfo (Linux), else from the platform."""
-    arch = platform.machine().lower()
+    """{"arch", "avx2", "avx512", "vnni", "arm_dotprod", "isa", "x86", "arm"}: read from /proc/cpuinfo (Linux),
+    else from the platform."""
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -25,6 +25,12 @@ def cpu_features() -> dict:
                     flags.update(value.split())
     except OSError:
         pass
+    return features_from(platform.machine(), flags, platform.system())
+
+
+def features_from(machine: str, flags: set[str], system: str = "Linux") -> dict:
+    """The features of a CPU from its architecture name and its /proc/cpuinfo flags (x86 "flags", ARM "Features")."""
+    arch = machine.lower()
     x86 = arch in ("x86_64", "amd64", "i686", "i386")
     arm = arch in ("aarch64", "arm64") or arch.startswith("arm")
     info = {
@@ -32,7 +38,7 @@ def cpu_features() -> dict:
         "avx2": "avx2" in flags,
         "avx512": "avx512f" in flags,
         "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
-        "arm_dotprod": "asimddp" in flags or (arm and platform.system() == "Darwin"),
+        "arm_dotprod": "asimddp" in flags or (arm and system == "Darwin"),  # every Apple silicon core has it
     }
     names = [n for n, on in (("AVX2", info["avx2"]), ("AVX-512", info["avx512"]), ("VNNI", info["vnni"]),
                              ("ARM dot-product", info["arm_dotprod"])) if on]

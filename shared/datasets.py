@@ -56,7 +56,24 @@ class DatasetInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DatasetInfo":
-        return cls(**d)
+        """From a checkpoint, a bundle or a message; fields of the wrong type raise ValueError (a damaged file)."""
+        info = cls(**d)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        checks = {
+            "name": isinstance(info.name, str),
+            "class_names": isinstance(info.class_names, list) and bool(info.class_names)
+            and all(isinstance(c, str) for c in info.class_names),
+            "in_channels": info.in_channels in (1, 3) and not isinstance(info.in_channels, bool),
+            "image_size": isinstance(info.image_size, int) and not isinstance(info.image_size, bool) and info.image_size > 0,
+            "mean": isinstance(info.mean, list) and len(info.mean) == info.in_channels and all(map(number, info.mean)),
+            "std": isinstance(info.std, list) and len(info.std) == info.in_channels and all(number(v) and v > 0 for v in info.std),
+            "hflip": isinstance(info.hflip, bool),
+            "crop_padding": isinstance(info.crop_padding, int) and not isinstance(info.crop_padding, bool) and info.crop_padding >= 0,
+        }
+        wrong = [k for k, ok in checks.items() if not ok]
+        if wrong:
+            raise ValueError(f"data field {wrong[0]} is {getattr(info, wrong[0])!r}")
+        return info
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import secrets
 from pathlib import Path
 from typing import Any, Callable
@@ -12,8 +13,32 @@ from typing import Any, Callable
 from .errors import PapmError
 
 
+def check_writable(path: Path | str, what: str = "--out", folder: bool = False) -> None:
+    """One line now, before any work, for a path that cannot be written: empty, under a file, a file where a
+    ``folder`` is wanted, or in a folder this user cannot write (probed with a temporary file that is removed at
+    once; nothing else is created)."""
+    if not str(path).strip():
+        raise PapmError(f"{what} is empty; give a path")
+    target = Path(path).expanduser().absolute()
+    if folder and target.exists() and not target.is_dir():
+        raise PapmError(f"{what} {path} is a file; give a folder")
+    folder = target.parent if target.exists() and not target.is_dir() else target
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PapmError(f"{what} {path}: {folder} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".papm-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PapmError(f"{what} {path}: cannot write in {folder} ({e.strerror or e}); choose a folder you can write") from None
+
+
 def refuse_existing(*paths: Path | str, force: bool) -> None:
-    """Raise unless every path is free (or ``force`` allows overwriting)."""
+    """Raise unless every path is free (or ``force`` allows overwriting) and can be written."""
+    for path in paths:
+        check_writable(path)
     for path in paths:
         if Path(path).is_dir():  # --force replaces files, never a whole folder of someone's work
             raise PapmError(f"{path} is a folder; give a file path to write (or another --out)")

@@ -241,3 +241,9 @@ def analyse_stats(stats, class_names: Sequence[str], similarity: str = "correlat
         outputs=outputs,
         balanced=balanced,
     )
+
+
+def random_groups(num_classes: int, k: int, seed: int) -> list[list[int]]:
+    """K groups of sizes floor/ceil(C/K) from a seeded permutation of the classes (the random-grouping baseline)."""
+    order = np.random.default_rng(seed).permutation(num_classes)
+    return sorted((sorted(int(c) for c in part) for part in np.array_split(order, k)), key=lambda g: g[0])

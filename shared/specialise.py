@@ -10,28 +10,22 @@ statistics that describe the unpruned network's activations; ``bn_recalibrate``
 re-estimates them on the group's data with no gradient step (the same
 ``recalibrate_bn`` the federated run uses, fed from one place here).
 
-Pure PyTorch: the CLI (`papm prune`) and the Flower client both call these pieces.
+Pure PyTorch: the Flower client and `papm prune` (its pipeline: ``prune_pipeline.py``) call these pieces.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .bn import recalibrate_bn
-from .compression import masks_kept, quantize_weights, size_report, sparsity_masks
 from .compression_options import LEVELS, check_compression
-from .restore import restore_after_pruning
-from .sparsity import MaskKeeper
-from .datasets import DatasetInfo, DataSplits, ImageSet
+from .datasets import DatasetInfo, ImageSet
 from .errors import PapmError
 from .importance import CRITERIA, ActivationCounts, count_zero_activations, make_importance
 from .models import model_args as make_model_args
-from .pruning import macs_and_params, prune_to_budget
+from .pruning import prune_to_budget
 from .training import TrainSettings, evaluate, fit
 
 EMPHASIS_MODES = ("loss", "sampling")
@@ -227,151 +221,3 @@ def step_targets(params_before: int, budget: float, steps: int) -> list[float]:
     """Parameter counts to reach after each cut: the kept fraction shrinks geometrically, so every step
     removes the same share of what is left, ending at ``(1 - budget) * params_before``."""
     return [params_before * (1.0 - budget) ** ((i + 1) / steps) for i in range(steps)]
-
-
-def _recover(model: nn.Module, splits: DataSplits, classes: list[int], settings: PruneSettings, epochs: int,
-             device, progress, desc: str, teacher: nn.Module | None) -> list[dict]:
-    """Fine-tune the pruned model for ``epochs`` with the group's classes emphasised."""
-    info = splits.info
-    weights = group_weights(info.num_classes, classes, settings.emphasis)
-    return fit(
-        model, splits.train, info, replace(settings.finetune, epochs=epochs), device, val=splits.val,
-        class_weights=weights if settings.emphasis_mode == "loss" else None,
-        sample_weights=weights[splits.train.y] if settings.emphasis_mode == "sampling" else None,
-        teacher=teacher, kd_weight=settings.kd_weight, kd_temperature=settings.kd_temperature,
-        progress=progress, desc=desc,
-    )
-
-
-def _cut_channels(model: nn.Module, args: dict, params_before: int, splits: DataSplits, classes: list[int],
-                  settings: PruneSettings, device, progress, teacher) -> tuple[dict, list[dict], int | None]:
-    """The channel cuts of the schedule (one, or ``steps``); returns (model_args, one row per cut, APoZ samples)."""
-    info = splits.info
-    rows, apoz_used = [], None
-    targets = step_targets(params_before, settings.budget, settings.steps if settings.schedule == "iterative" else 1)
-    for i, target in enumerate(targets):
-        counts = None
-        if settings.criterion in ("papm", "apoz"):  # APoZ of the model as it is now, not of the base
-            apoz_data = apoz_subset(splits.train, classes, settings.apoz_samples, settings.finetune.seed)
-            counts, apoz_used = count_zero_activations(model, apoz_data, info, device), len(apoz_data)
-        original = copy.deepcopy(model) if settings.data_free else None
-        step_budget = settings.budget if len(targets) == 1 else 1.0 - target / sum(p.numel() for p in model.parameters())
-        result, args = prune_model(model, args, info, replace(settings, budget=step_budget), counts,
-                                   seed=settings.finetune.seed + i, final=i + 1 == len(targets))
-        if original is not None:  # fold the removed channels into the next layers: weights only, no data
-            example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
-            restore_after_pruning(original, model, result.kept, example)
-        row = {"step": i + 1, "params": result.params_after, "reduction": round(1.0 - result.params_after / params_before, 6)}
-        rows.append(_after_cut(model, row, splits, classes, settings, device, seed=settings.finetune.seed + i))
-        if i + 1 < len(targets) and settings.step_epochs > 0:
-            _recover(model, splits, classes, settings, settings.step_epochs, device, progress, f"step {i + 1} fine-tune", teacher)
-            model.cpu()
-            step = accuracy_summary(model, splits.test, info, classes, device)
-            row.update(after_step_finetune_group=step["group"], after_step_finetune_all=step["all"])
-    return args, rows, apoz_used
-
-
-def _after_cut(model: nn.Module, row: dict, splits: DataSplits, classes: list[int], settings: PruneSettings, device,
-               seed: int) -> dict:
-    """Accuracy right after a cut, and after BatchNorm re-estimation when that is on."""
-    cut = accuracy_summary(model, splits.test, splits.info, classes, device)
-    row.update(after_cut_group=cut["group"], after_cut_all=cut["all"])
-    if settings.bn_recalibrate:
-        recalibrate_bn(model, splits.train, splits.info, device, settings.finetune.batch_size, seed)
-        bn = accuracy_summary(model, splits.test, splits.info, classes, device)
-        row.update(after_bn_group=bn["group"], after_bn_all=bn["all"])
-    return row
-
-
-def specialise(
-    base: nn.Module,
-    base_args: dict,
-    splits: DataSplits,
-    classes: list[int],
-    settings: PruneSettings,
-    device: torch.device | str = "cpu",
-    progress: bool | None = None,
-) -> tuple[nn.Module, dict, dict]:
-    """APoZ -> prune (channels in one cut or ``steps``; or single weights) -> fine-tune -> low-bit weights.
-
-    Returns (compressed model, its model_args, report dict). The test split only measures."""
-    settings.validate()
-    info = splits.info
-    t0 = time.perf_counter()
-    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
-    macs_before, params_before = macs_and_params(base.cpu(), example)
-    teacher = copy.deepcopy(base) if settings.kd else None
-    model, args, keeper, apoz_used = copy.deepcopy(base).cpu(), base_args, None, None
-    if settings.sparsity != "none":  # single weights instead of channels: shapes stay
-        keeper = MaskKeeper(model, sparsity_masks(model, settings.sparsity, settings.budget))
-        nonzero = size_report(model)["nonzero_params"]
-        steps = [_after_cut(model, {"step": 1, "params": nonzero, "reduction": round(1.0 - nonzero / params_before, 6)},
-                            splits, classes, settings, device, settings.finetune.seed)]
-    elif settings.budget is not None:
-        args, steps, apoz_used = _cut_channels(model, base_args, params_before, splits, classes, settings, device,
-                                               progress, teacher)
-    else:  # a compression level that only quantises
-        steps = [_after_cut(model, {"step": 1, "params": params_before, "reduction": 0.0}, splits, classes,
-                            settings, device, settings.finetune.seed)]
-    macs_after, params_after = macs_and_params(model, example)
-    history = []
-    if not settings.data_free:
-        with masks_kept(keeper):
-            history = _recover(model, splits, classes, settings, settings.finetune.epochs, device, progress, "fine-tune", teacher)
-    model = model.cpu().eval()
-    after = accuracy_summary(model, splits.test, info, classes, device)
-    if history:  # a fine-tuning step was taken
-        steps[-1].update(after_finetune_group=after["group"], after_finetune_all=after["all"])
-    base_acc = accuracy_summary(base, splits.test, info, classes, device)
-    last = steps[-1]
-    accuracy = {
-        "base": {"all": base_acc["all"], "group": base_acc["group"]},
-        "before_finetune": {"all": last["after_cut_all"], "group": last["after_cut_group"]},
-    }
-    if settings.bn_recalibrate:
-        accuracy["after_bn_recalibrate"] = {"all": last["after_bn_all"], "group": last["after_bn_group"]}
-    accuracy["after_finetune"] = {"all": after["all"], "group": after["group"]}
-    cut_size = size_report(model)  # before rounding: zeros that rounding makes are not part of the cut
-    quant = None
-    if settings.weight_bits:
-        quant = quantize_weights(model, settings.weight_bits, settings.weight_quant,
-                                 None if settings.data_free else splits.train.of_classes(classes), info,
-                                 seed=settings.finetune.seed)
-        q = accuracy_summary(model.eval(), splits.test, info, classes, device)
-        accuracy["after_weight_quant"] = {"all": q["all"], "group": q["group"]}
-        after = q
-    size = size_report(model)
-    report = {
-        "classes": classes,
-        "class_names": [info.class_names[c] for c in classes],
-        "params_before": params_before,
-        "params_after": params_after,
-        "nonzero_params": size["nonzero_params"],
-        "reduction": round(1.0 - (params_after if settings.sparsity == "none" else cut_size["nonzero_params"]) / params_before, 6),
-        "target": settings.budget,
-        "criterion": settings.criterion if settings.sparsity == "none" and settings.budget is not None else None,
-        "alpha": settings.alpha,
-        "round_to": settings.round_to,
-        "schedule": settings.schedule,
-        "steps": steps,
-        "step_epochs": settings.step_epochs if settings.schedule == "iterative" else None,
-        "bn_recalibrate": settings.bn_recalibrate,
-        "data_free": settings.data_free,
-        "sparsity": settings.sparsity,
-        "level": settings.level or None,
-        "weights": quant or {"weight_bits": 32},
-        "size": size,
-        "kept_channels": args["channels"],
-        "base_channels": base_args["channels"],
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "accuracy_split": "test",
-        "accuracy": accuracy,
-        "per_class_accuracy_after": {info.class_names[c]: a for c, a in after["per_class"].items()},
-        "apoz_samples": apoz_used,
-        "finetune": {**asdict(settings.finetune), "emphasis": settings.emphasis, "emphasis_mode": settings.emphasis_mode,
-                     "kd": settings.kd, "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature},
-        "history": history,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    return model, args, report

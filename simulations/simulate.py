@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..shared.config import PHASES, RunConfig
 from ..shared.errors import PapmError
+from ..shared.files import check_writable
 
 
 def backend_config(cfg: RunConfig) -> tuple[dict, int]:
@@ -118,6 +119,7 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
         raise PapmError(f"nothing to resume: {run.path} holds no run; drop --resume to start one")
     else:
         run.check_free()
+    check_writable(run.path, "run-dir", folder=True)  # one line now, not a traceback once Flower and Ray have started
     # Offline: never try to install the app's dependencies; keep Ray quiet and local.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

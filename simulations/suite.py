@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from ..shared.config import RunConfig, read_table_file
 from ..shared.errors import PapmError
-from ..shared.files import atomic_write_json
+from ..shared.files import atomic_write_json, check_writable
 
 SUITE_KEYS = ("name", "base", "grid", "seeds", "variants", "runs-dir", "engine")
 # what the base phase reads: runs equal in these (and the seed) can share one base model
@@ -177,6 +177,9 @@ def run_suite(suite: Suite, resume: bool = False, say: Callable[[str], None] = p
             record = json.loads(record_path.read_text())
         except ValueError:
             pass
+    if suite.root.exists() and not suite.root.is_dir():
+        raise PapmError(f"--runs-dir {suite.root} is a file; give a folder for the suite's runs")
+    check_writable(suite.root, "--runs-dir", folder=True)
     if suite.root.exists() and not resume and any(suite.root.iterdir()):
         raise PapmError(f"{suite.root} already holds a suite; pass --resume to continue it or choose another runs-dir")
     suite.root.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,11 @@ def one_error(r) -> str:
     (["train", "--dataset", "digits", "--weight-decay", "-1"], "weight decay"),
     (["train", "--dataset", "digits", "--image-size", "4"], "image size must be in [8, 512]"),
     (["simulate", "--set", "base-lr=inf"], "finite number"),
+    (["simulate", "--set", "seed=-1"], "seed must be >= 0"),
+    (["simulate", "--run-dir", ""], "run-dir is empty"),
+    (["train", "--dataset", "digits", "--seed", "-1"], "--seed: must be >= 0"),
+    (["train", "--dataset", "digits", "--epochs", "0"], "--epochs: must be >= 1"),
+    (["bench", "no-bundle", "--warmup", "-1"], "--warmup: must be >= 0"),
     (["simulate", "--set", "width=1e9"], "width must be in (0, 16]"),
     (["simulate", "--set", "image-size=1000"], "image-size must be in [8, 512]"),
     (["simulate", "--set", "dataset=imagefolder", "--set", "data-root=/nonexistent/photos"], "not a folder"),
@@ -74,3 +79,113 @@ def test_manifest_with_wrongly_typed_fields(tmp_path, field, value, needle, expo
 
     Image.new("L", (8, 8)).save(png)
     assert needle in one_error(run_papm("infer", bundle, png))
+
+
+def test_kit_folder_with_files_papm_did_not_write(tmp_path):
+    """deploy init writes only into a new, empty or marked folder; --force changes nothing about that."""
+    folder = tmp_path / "ukit"
+    folder.mkdir()
+    (folder / "COMMANDS.md").write_text("my notes")
+    for force in ([], ["--force"]):
+        line = one_error(run_papm("deploy", "init", folder, "--flwr-home", tmp_path / "fh", *force))
+        assert "did not write" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["COMMANDS.md"] and (folder / "COMMANDS.md").read_text() == "my notes"
+    assert not (tmp_path / "fh").exists()
+
+
+def test_kit_is_marked_and_force_rewrites_it(tmp_path):
+    kit = tmp_path / "kit"
+    assert run_papm("deploy", "init", kit, "--flwr-home", tmp_path / "fh", "--insecure").returncode == 0
+    assert json.loads((kit / ".papm-kit").read_text())["format"] == "papm-kit"
+    assert "already holds a kit" in one_error(run_papm("deploy", "init", kit, "--flwr-home", tmp_path / "fh", "--insecure"))
+    assert run_papm("deploy", "init", kit, "--flwr-home", tmp_path / "fh", "--insecure", "--force").returncode == 0
+
+
+def _hand_made_run(tmp_path, config=None, state=None):
+    from papm.server.run_directory import MARKER, MARKER_FORMAT, MARKER_VERSION
+    from papm.shared.checkpoint import resolve_run_inputs
+    from papm.shared.config import RunConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "version": MARKER_VERSION}))
+    cfg = resolve_run_inputs(RunConfig.from_overrides([f"run-dir={run}"])).to_flower()  # as a run writes it
+    (run / "config.json").write_text(json.dumps(cfg if config is None else config))
+    (run / "state.json").write_text(json.dumps({"completed": []} if state is None else state))
+    return run
+
+
+@pytest.mark.parametrize("config,state,needle", [
+    (None, [], "state.json is damaged"),
+    (None, {"completed": 5}, "state.json is damaged"),
+    (None, {"completed": ["base", 3]}, "state.json is damaged"),
+    ([1, 2], None, "holds a JSON list, not the run's settings"),
+])
+def test_hand_made_run_files(tmp_path, config, state, needle):
+    run = _hand_made_run(tmp_path, config, state)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert needle in one_error(run_papm("simulate", "--run-dir", run, "--resume", cwd=tmp_path))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_checkpoint_with_wrongly_typed_metadata(tmp_path, base_ckpt):
+    import torch
+
+    ckpt = torch.load(base_ckpt, weights_only=True)
+    ckpt["data"]["class_names"] = 5
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    line = one_error(run_papm("prune", bad, "--classes", "1", "--budget", "0.5", "--out", tmp_path / "p.pt", cwd=tmp_path))
+    assert "damaged metadata" in line and "class_names" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--dataset", "digits", "--out", "FILE/base.pt"], "is a file, not a folder"),
+    (["simulate", "--run-dir", "FILE/run"], "is a file, not a folder"),
+    (["suite", "SUITE", "--runs-dir", "FILE"], "is a file"),
+    (["export", "RUN", "--out", ""], "--out is empty"),
+])
+def test_paths_that_cannot_be_written_are_one_line_before_any_work(tmp_path, args, needle):
+    (tmp_path / "afile.txt").write_text("mine")
+    (tmp_path / "s.yaml").write_text("name: s\nbase: {}\ngrid: {devices: [2]}\n")
+    args = [{"FILE": str(tmp_path / "afile.txt"), "SUITE": str(tmp_path / "s.yaml"), "RUN": str(tmp_path)}.get(a, a)
+            .replace("FILE", str(tmp_path / "afile.txt")) for a in args]
+    assert needle in one_error(run_papm(*args, cwd=tmp_path))
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def test_a_second_bench_needs_force(tmp_path, exported):
+    bundle = exported[1]
+    args = ("bench", bundle, "--runs", "1", "--warmup", "0", "--batch", "2", "--out", tmp_path)
+    assert run_papm(*args).returncode == 0
+    first = (tmp_path / "bench.csv").read_bytes()
+    assert "already exists" in one_error(run_papm(*args))
+    assert (tmp_path / "bench.csv").read_bytes() == first
+    assert run_papm(*args, "--force").returncode == 0
+
+
+def test_infer_errors_are_the_only_line_without_a_verify_key(tmp_path, exported):
+    """The unsigned-bundle warning follows the work: a failed command prints its error line alone."""
+    garbage = tmp_path / "x.png"
+    garbage.write_bytes(b"not an image")
+    assert "x.png" in one_error(run_papm("infer", exported[1], garbage))
+    features_dir = tmp_path / "f"
+    features_dir.mkdir()
+    assert "is a folder" in one_error(run_papm("infer", exported[1], "--part", "0", garbage, "--out", features_dir, "--force"))
+
+
+def test_a_junk_signing_key_is_refused_at_once(tmp_path):
+    from papm.deploy.bundle import check_signing_key
+    from papm.shared.errors import PapmError
+
+    junk = tmp_path / "key.pem"
+    junk.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(PapmError, match="not an unencrypted signing"):
+        check_signing_key(junk)
+
+
+def test_training_that_diverges_saves_nothing(tmp_path):
+    out = tmp_path / "base.pt"
+    line = one_error(run_papm("train", "--dataset", "digits", "--width", "0.125", "--epochs", "1", "--lr", "1e30",
+                              "--out", out, "--quiet", cwd=tmp_path))
+    assert "training diverged" in line and not out.exists()

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-import papm.shared.specialise as specialise_mod
+import papm.shared.prune_pipeline as pipeline_mod
 from papm.shared.checkpoint import load_checkpoint
 from papm.shared.models import count_params
-from papm.shared.specialise import PruneSettings, specialise, step_targets
+from papm.shared.prune_pipeline import specialise
+from papm.shared.specialise import PruneSettings, step_targets
 from papm.shared.training import TrainSettings
 
 from conftest import run_papm
@@ -24,13 +25,13 @@ def _settings(**kw):
 def test_iterative_pruning_reaches_the_budget_in_steps_with_apoz_remeasured(digits, base_ckpt, monkeypatch):
     base, info, ckpt = load_checkpoint(base_ckpt)
     measured = []  # parameter count of the model APoZ was measured on, per cut
-    real = specialise_mod.count_zero_activations
+    real = pipeline_mod.count_zero_activations
 
     def spy(model, *a, **k):
         measured.append(count_params(model))
         return real(model, *a, **k)
 
-    monkeypatch.setattr(specialise_mod, "count_zero_activations", spy)
+    monkeypatch.setattr(pipeline_mod, "count_zero_activations", spy)
     model, args, report = specialise(base, ckpt["model_args"], digits, [3, 5, 8],
                                      _settings(schedule="iterative", steps=3, step_epochs=0), progress=False)
     one_shot = specialise(base, ckpt["model_args"], digits, [3, 5, 8], _settings(), progress=False)[2]

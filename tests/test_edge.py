@@ -225,7 +225,7 @@ def test_bench_writes_csv_and_markdown(exported, digits, tmp_path):
 
 def test_bench_test_data_from_npz(exported, digits, tmp_path):
     from papm.deploy.bundle import load_bundle
-    from papm.deploy.edge_cli import load_test_data
+    from papm.deploy.edge_bench import load_test_data
     from papm.deploy.runtime import EdgeRuntime
 
     _, bundle, _, _ = exported

@@ -18,7 +18,8 @@ import torch
 from papm.shared.checkpoint import load_checkpoint, load_head, save_checkpoint, save_head
 from papm.shared.datasets import normalise
 from papm.shared.fusion import FusionHead, extract_features, feature_sums, fit_head, head_args
-from papm.shared.specialise import PruneSettings, specialise
+from papm.shared.prune_pipeline import specialise
+from papm.shared.specialise import PruneSettings
 from papm.shared.training import TrainSettings
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]

@@ -1,13 +1,20 @@
 """Installs per role: a SuperNode's install (no Ray, matplotlib, scipy, scikit-learn or tomli-w) runs the
 ClientApp's handlers; `papm doctor` names what a role misses and the command that fixes it."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from papm.deploy import doctor
+from papm.shared.cpu import features_from
 
 from conftest import write_pattern_folder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NODE_ONLY = textwrap.dedent("""
     import sys
@@ -53,6 +60,32 @@ NODE_ONLY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+def test_a_real_node_install_has_no_coordinator_packages_and_runs_the_clientapp(tmp_path):
+    """A fresh venv with the node extra and the constraints file, as a SuperNode installs it (pip's cache holds
+    the wheels once CI has installed the project): none of the coordinator's packages, and the handlers run."""
+    venv = tmp_path / "node"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # a copy of the sources: pip builds a wheel in the source folder, and a test writes nothing into the repository
+    source = tmp_path / "papm-fl"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
+                                                                  "__pycache__", ".pytest_cache"))
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}[node]", "-c", str(ROOT / "constraints.txt")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    python = str(venv / "bin" / "python")
+    # (tomli-w comes with flwr itself, so a node has it too)
+    r = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in ('ray', 'matplotlib', 'scipy', "
+                        "'sklearn') if u.find_spec(m)])"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+    tree = write_pattern_folder(tmp_path / "device", per_class=8, size=32, parts=("train",))
+    r = subprocess.run([python, "-c", NODE_ONLY, str(tree)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "ok []"
+    r = subprocess.run([str(venv / "bin" / "papm"), "doctor", "--role", "node"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "node         ready" in r.stdout, r.stdout + r.stderr
+
+
 def test_a_node_only_install_runs_the_clientapp(tmp_path):
     tree = write_pattern_folder(tmp_path / "device", per_class=8, size=32, parts=("train",))
     r = subprocess.run([sys.executable, "-c", NODE_ONLY, str(tree)], capture_output=True, text=True, cwd=tmp_path)
@@ -80,7 +113,8 @@ def test_doctor_names_a_missing_package_and_its_fix(monkeypatch):
     assert any(ln.startswith("coordinator") and "missing" in ln for ln in lines)
     assert any("scipy" in ln and "(missing)" in ln for ln in lines)
     assert any(ln.startswith("node") and "ready" in ln for ln in lines)
-    assert 'pip install "papm-fl[coordinator]"' in text
+    fix = [ln for ln in lines if ln.startswith("fix for coordinator: pip install")]
+    assert len(fix) == 1 and "[coordinator]" in fix[0] and "fix for node" not in text
     text, ok = doctor.report("node")  # the node role does not need scipy
     assert ok
 
@@ -97,3 +131,48 @@ def test_doctor_checks_the_extras_a_requirement_names(monkeypatch):
 def test_doctor_exit_code_follows_the_named_role():
     r = subprocess.run([sys.executable, "-m", "papm.cli", "doctor", "--role", "coordinator"], capture_output=True, text=True)
     assert r.returncode == 0 and "coordinator  ready" in r.stdout and "CPU:" in r.stdout, r.stdout + r.stderr
+
+
+def test_doctor_without_a_role_gives_a_fix_for_every_incomplete_role(monkeypatch):
+    _uninstall(monkeypatch, "torch-pruning")  # needed by the node role, and so by the coordinator
+    text, ok = doctor.report(None)
+    assert ok  # no role named: nothing to fail
+    fixes = [ln for ln in text.splitlines() if ln.startswith("fix for ")]
+    assert [f.split(":")[0] for f in fixes] == ["fix for node", "fix for coordinator"]
+    assert all("pip install" in f for f in fixes)
+    assert doctor.report("all")[1] is False  # `all` is the coordinator's packages
+
+
+def test_doctor_reports_a_torch_that_fails_to_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # installed (metadata says so) but `import torch` raises
+    text, ok = doctor.report("edge")
+    assert ok and "torch: installed but `import torch` fails (ModuleNotFoundError" in text
+
+
+def test_the_bare_install_brings_no_torch_flower_or_scikit_learn():
+    """The edge role is the bare install: its requirements are the torch-free runtime's, nothing more."""
+    edge = {doctor.re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower() for r in doctor.role_requirements()["edge"]}
+    assert edge == {"numpy", "onnxruntime", "pillow", "cryptography"}
+
+
+def test_cpu_features_from_the_flags():
+    arm = features_from("aarch64", {"fp", "asimd", "asimddp"})  # a Raspberry Pi 5 (Cortex-A76)
+    assert arm["arm"] and arm["arm_dotprod"] and not arm["x86"] and "ARM dot-product" in arm["isa"]
+    assert not features_from("aarch64", {"fp", "asimd"})["arm_dotprod"]  # a Raspberry Pi 4 (Cortex-A72)
+    assert features_from("arm64", set(), system="Darwin")["arm_dotprod"]
+    avx2 = features_from("x86_64", {"sse4_2", "avx2"})
+    assert avx2["avx2"] and not avx2["vnni"] and not avx2["avx512"]
+    assert features_from("x86_64", {"avx2", "avx512f", "avx512_vnni"})["vnni"]
+    assert features_from("x86_64", {"avx2", "avx_vnni"})["vnni"]  # Alder Lake and later: VNNI without AVX-512
+
+
+def test_a_missing_role_package_is_one_error_line(tmp_path):
+    """An edge install running a torch command: one line that points at papm doctor, exit 2."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from papm.cli import main\n"
+            "sys.exit(main(['train', '--dataset', 'digits', '--out', sys.argv[1]]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "base.pt")], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: `papm train` needs the Python package 'torch'")
+    assert "papm doctor" in lines[0] and not (tmp_path / "base.pt").exists()

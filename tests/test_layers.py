@@ -112,3 +112,23 @@ def test_client_side_never_imports_the_server(mod):
     code = f"import sys, {mod}\nassert not [m for m in sys.modules if m.startswith('papm.server')]\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_every_package_folder_is_installed():
+    """A subpackage missing from pyproject.toml works in the editable checkout and is absent from a wheel."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = sorted({p.parent for f in FOLDERS for p in (REPO / f).rglob("__init__.py")})
+    names = {"papm." + ".".join(d.relative_to(REPO).parts): d.relative_to(REPO).as_posix() for d in folders}
+    assert set(names) <= set(setup["packages"]), sorted(set(names) - set(setup["packages"]))
+    assert all(setup["package-dir"].get(name) == path for name, path in names.items())
+
+
+MODULE_LINES = 330  # "about 300": a module past it is split by job (DESIGN.md, "The layers")
+
+
+def test_no_module_outgrows_one_job():
+    long = {str(p.relative_to(REPO)): n for p in package_modules(REPO) if p.exists()
+            and (n := len(p.read_text(encoding="utf-8").splitlines())) > MODULE_LINES}
+    assert not long, f"split these by job: {long}"

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from papm.shared import specialise as specialise_mod
+from papm.shared import prune_pipeline as pipeline_mod
 from papm.shared.datasets import normalise
 from papm.shared.errors import PapmError
 from papm.shared.importance import ActivationCounts, PAPMImportance, count_zero_activations, make_importance
 from papm.shared.models import ResNet18, build_model, count_params, model_args, params_for_channels
 from papm.shared.pruning import prune_to_budget, score_groups
-from papm.shared.specialise import PruneSettings, prune_model, specialise
+from papm.shared.prune_pipeline import specialise
+from papm.shared.specialise import PruneSettings, prune_model
 from papm.shared.training import TrainSettings
 
 
@@ -236,14 +237,14 @@ def test_pruned_weights_are_the_base_weights(digits):
 def test_finetuning_starts_from_the_base_weights(digits, monkeypatch):
     base = randomised_model(width=0.25)
     seen = {}
-    real_fit = specialise_mod.fit
+    real_fit = pipeline_mod.fit
 
     def spy(model, *a, **k):
         seen["conv1"] = model.conv1.weight.detach().clone()
         seen["fc_bias"] = model.fc.bias.detach().clone()
         return real_fit(model, *a, **k)
 
-    monkeypatch.setattr(specialise_mod, "fit", spy)
+    monkeypatch.setattr(pipeline_mod, "fit", spy)
     settings = PruneSettings(budget=0.5, finetune=TrainSettings(epochs=1))
     model, args, report = specialise(base, model_args(10, 1, 0.25), digits, [3, 5, 8], settings, progress=False)
     kept_stem = report["kept_channels"]["conv1"]

@@ -195,3 +195,10 @@ def test_fit_with_the_same_seed_gives_bitwise_identical_weights(digits):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["conv1.weight"], init.state_dict()["conv1.weight"])  # it did train
     assert not all(torch.equal(a[k], other[k]) for k in a)  # and the seed matters
+
+
+def test_weighted_average_stops_a_run_whose_nodes_diverged():
+    good = {"w": torch.ones(3), "n": torch.tensor(2)}
+    bad = {"w": torch.tensor([1.0, float("nan"), 1.0]), "n": torch.tensor(2)}
+    with pytest.raises(PapmError, match="averaged w holds NaN or infinite values: training diverged"):
+        weighted_average([good, bad], [1, 1])

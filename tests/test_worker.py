@@ -86,6 +86,16 @@ def test_papm_node_refuses_a_socket_folder_open_to_other_users(tmp_path):
     assert "open to other users" in r.stderr and "chmod 700" in r.stderr
 
 
+def test_papm_node_never_replaces_a_file_that_is_not_its_socket(tmp_path):
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    notes = folder / "notes.txt"
+    notes.write_text("mine")
+    r = run_papm("node", "--socket", str(notes), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "exists and is not a socket" in r.stderr and notes.read_text() == "mine"
+
+
 def test_papm_node_threads_is_checked_and_sets_torch_threads(tmp_path):
     r = run_papm("node", "--socket", str(tmp_path / "s.sock"), "--threads", "-1", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --threads must be >= 0 (0: all cores), got -1; "
@@ -98,6 +108,7 @@ def test_papm_node_threads_is_checked_and_sets_torch_threads(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         assert proc.stdout.readline().strip() == f"papm node: serving on {sock} (torch threads: 1)", proc.stdout.read()
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o600)  # the owner's only, without touching the umask
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ...deploy.group_report import write_assignment, write_group_report
 from ...shared.errors import PapmError
-from ...shared.grouping import analyse_stats
+from ...shared.grouping import analyse_stats, random_groups
 
 if TYPE_CHECKING:
     from ..driver import RunDriver
@@ -50,12 +50,6 @@ def assign_nodes(class_counts: dict[int, np.ndarray], groups: list[list[int]]) -
     gain = affinity[:, slots] + np.asarray(bonus)[None, :]
     rows, cols = linear_sum_assignment(-gain)
     return {nodes[r]: slots[c] for r, c in zip(rows, cols)}
-
-
-def random_groups(num_classes: int, k: int, seed: int) -> list[list[int]]:
-    """K groups of sizes floor/ceil(C/K) from a seeded permutation of the classes (the random-grouping baseline)."""
-    order = np.random.default_rng(seed).permutation(num_classes)
-    return sorted((sorted(int(c) for c in part) for part in np.array_split(order, k)), key=lambda g: g[0])
 
 
 def run(d: RunDriver) -> None:
