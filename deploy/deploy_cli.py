@@ -40,7 +40,8 @@ def add_deploy_parser(sub) -> argparse.ArgumentParser:
 
 def run_deploy(args) -> int:
     from .kit_commands import INSECURE_WARNING
-    from .supernode_kit import KitSpec, init_kit
+    from .kit_spec import KitSpec
+    from .supernode_kit import init_kit
 
     if args.deploy_command != "init":  # argparse allows only init today
         raise SystemExit(f"unknown deploy action {args.deploy_command}")

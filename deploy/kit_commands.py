@@ -3,15 +3,11 @@ in the order to run them, and COMMANDS.md. Torch-free."""
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .supernode_kit import KitSpec
+from .kit_spec import ALWAYS_HOSTS, KitSpec, flwr_home
 
-ALWAYS_HOSTS = ("127.0.0.1", "localhost")  # loopback always works, also for tests
 INSECURE_WARNING = ("WARNING: --insecure kit: no TLS and no SuperNode authentication. Anyone who can reach the "
                     "SuperLink can read the traffic and join as a node. Use it only for local experiments.")
 # Flower's SuperExec polls for new app processes to start every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds
@@ -114,11 +110,3 @@ def commands_markdown(spec: KitSpec, kit_dir: Path, cmds: list[tuple[str, str]])
     for what, cmd in cmds:
         lines += [f"{what}:", "", "```bash", cmd, "```", ""]
     return "\n".join(lines)
-
-
-def flwr_home(explicit: Path | None) -> Path:
-    """The folder `flwr` reads config.toml from: --flwr-home, else $FLWR_HOME, else ~/.flwr (flwr's own rule)."""
-    if explicit is not None:
-        return Path(explicit).expanduser().resolve()
-    env = os.environ.get("FLWR_HOME")
-    return Path(env).expanduser().resolve() if env else Path.home() / ".flwr"

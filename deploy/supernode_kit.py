@@ -13,7 +13,7 @@ Torch-free: only ``cryptography`` and ``tomli_w`` (a Flower dependency). Layout 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -23,89 +23,11 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, shipped with flwr
 
 from ..shared.errors import PapmError
 from ..shared.files import atomic_write_json, atomic_write_text, check_writable
-from .kit_commands import ALWAYS_HOSTS, flwr_home, build_commands, commands_markdown, find_project_root, node_config
+from .kit_commands import build_commands, commands_markdown, find_project_root, node_config
 from .kit_keys import make_ca, make_node_key, make_server_cert, pem_cert, pem_key, write_public, write_secret
-
-
-
-def _valid_host(host: str) -> bool:
-    """A DNS name or an IP address (IPv4 or IPv6), ASCII only."""
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    labels = host.split(".")
-    return (0 < len(host) <= 253 and all(0 < len(label) <= 63 and label.isascii() and label[0] != "-" and label[-1] != "-"
-                                         and all(c.isalnum() or c == "-" for c in label) for label in labels))
+from .kit_spec import KitSpec, flwr_home
 
 KIT_MARKER = ".papm-kit"  # written first into every kit; the only folders --force may write over
-
-
-@dataclass
-class KitSpec:
-    """What `papm deploy init` was asked for."""
-
-    directory: Path
-    hosts: list[str] = field(default_factory=list)
-    nodes: int = 3
-    superlink: str = "127.0.0.1:8000"
-    data_root_template: str = ""  # e.g. "/data/node{id}"; {id} is the partition-id
-    flwr_home: Path | None = None  # default: $FLWR_HOME or ~/.flwr (as flwr itself resolves it)
-    connection: str = "papm"
-    insecure: bool = False
-    force: bool = False
-    days: int = 365
-    project_root: Path | None = None  # where `flwr run .` runs (the folder with pyproject.toml)
-    warm_worker: bool = True  # a `papm node` worker beside each SuperNode (torch and data stay loaded)
-
-    def validate(self) -> "KitSpec":
-        if self.nodes < 1:
-            raise PapmError(f"--nodes must be >= 1, got {self.nodes}")
-        if self.days < 1:
-            raise PapmError(f"--days must be >= 1, got {self.days}")
-        host, _, port = self.superlink.rpartition(":")
-        if not host or not port.isdigit():
-            raise PapmError(f"--superlink must be HOST:PORT, got {self.superlink!r}")
-        if not 1 <= int(port) <= 65535:
-            raise PapmError(f"--superlink port must be 1-65535, got {port}")
-        for h in [host.strip("[]"), *self.hosts]:
-            if not _valid_host(h.strip()):
-                raise PapmError(f"{h.strip()!r} is not a host name or IP address (letters, digits, '-' and '.' in ASCII); "
-                                "fix --superlink / --hosts")
-        if self.days > 36500:
-            raise PapmError(f"--days must be at most 36500, got {self.days}")
-        if self.directory.exists() and not self.directory.is_dir():
-            raise PapmError(f"kit folder {self.directory} is a file; give a folder for the kit")
-        bad = [c for c in ('"', "'", "\n", "\r", "\\", "`", "$") if c in self.data_root_template]
-        if bad:  # it is written into command lines and TOML: a quote would inject keys or commands
-            raise PapmError(f"--data-root-template must not contain {' or '.join(repr(c) for c in bad)}; give a plain path "
-                            "such as /data/node{id}")
-        if not self.connection.replace("-", "").replace("_", "").isalnum():
-            raise PapmError(f"--connection must be letters, digits, - or _, got {self.connection!r}")
-        if self.data_root_template and "{id}" not in self.data_root_template and self.nodes > 1:
-            raise PapmError(f"--data-root-template needs {{id}} (the partition-id) so each node gets its own data, "
-                            f"got {self.data_root_template!r}")
-        return self
-
-    @property
-    def superlink_host(self) -> str:
-        return self.superlink.rpartition(":")[0].strip("[]")
-
-    @property
-    def superlink_port(self) -> int:
-        return int(self.superlink.rpartition(":")[2])
-
-    def all_hosts(self) -> list[str]:
-        """The server certificate's names: loopback, the SuperLink's host and the asked ones, deduplicated."""
-        out: list[str] = []
-        for h in [*ALWAYS_HOSTS, self.superlink_host, *self.hosts]:
-            h = h.strip()
-            if h and h not in out:
-                out.append(h)
-        return out
 
 
 @dataclass
