@@ -92,7 +92,7 @@ def _load_key(path: Path | str, private: bool):
                else serialization.load_pem_public_key(data))
     except (ValueError, TypeError) as e:
         raise PapmError(f"{path} is not an unencrypted {what} key in PEM format ({str(e).splitlines()[0][:80]}); "
-                        "create one with generate_keypair") from None
+                        "make a pair with `papm export RUN --new-key DIR` (or use the kit's signing/ pair)") from None
     if not isinstance(key, Ed25519PrivateKey if private else Ed25519PublicKey):
         raise PapmError(f"{path} holds a {type(key).__name__.lstrip('_')}, not an Ed25519 key; use an Ed25519 key pair")
     return key

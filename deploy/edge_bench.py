@@ -180,7 +180,7 @@ def markdown_table(rows: list[dict], batch: int) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ..shared.files import atomic_write_text, refuse_existing
+    from ..shared.files import atomic_write_text, check_writable, refuse_existing
     from .bundle import load_bundle, warn_if_unsigned
     from .runtime import EdgeRuntime, default_threads
 
@@ -190,8 +190,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.test_dir:
         test = load_test_data(args.test_dir, EdgeRuntime(bundle, "fp32"))
     out = Path(args.out) if args.out else bundle.path
-    if out.exists() and not out.is_dir():
-        raise PapmError(f"--out {out} is a file; give a folder for bench.csv and bench.md")
+    check_writable(out, "--out", folder=True)
     refuse_existing(out / "bench.csv", out / "bench.md", force=args.force)  # an earlier bench is a result too
     rows = bench_rows(bundle, args.runs, max(0, args.warmup), args.batch, threads_all, test)
     buf = io.StringIO()

@@ -214,16 +214,16 @@ class RunDriver:
     # ---- the phase loop ----------------------------------------------------------------
     def run(self, runners: dict[str, Callable[["RunDriver"], None]]) -> None:
         """Every phase not yet complete, in order: ``runners[phase](self)``, then mark it complete."""
-        completed = self.rd.start(self.cfg, self.resume)
-        if completed:
-            log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)
-        # failures of earlier attempts stay on record (the summary reports them all)
-        self.failures = list(self.rd.state().get("failures", []))
         if self.cfg.sign_key and not Path(self.cfg.sign_key).expanduser().is_file():
             raise PapmError(f"sign-key {self.cfg.sign_key} not found on the server; give the path of an Ed25519 private key "
                             "(papm deploy init writes one to KIT/signing/) or leave sign-key empty")
         if self.cfg.sign_key:  # unreadable, encrypted or not Ed25519: say so now, not after the whole run
             check_signing_key(Path(self.cfg.sign_key).expanduser())
+        completed = self.rd.start(self.cfg, self.resume)
+        if completed:
+            log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)
+        # failures of earlier attempts stay on record (the summary reports them all)
+        self.failures = list(self.rd.state().get("failures", []))
         phase = "hello"
         try:
             self.hello()

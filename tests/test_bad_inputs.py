@@ -189,3 +189,10 @@ def test_training_that_diverges_saves_nothing(tmp_path):
     line = one_error(run_papm("train", "--dataset", "digits", "--width", "0.125", "--epochs", "1", "--lr", "1e30",
                               "--out", out, "--quiet", cwd=tmp_path))
     assert "training diverged" in line and not out.exists()
+
+
+def test_a_run_with_a_junk_signing_key_stops_before_writing_anything(tmp_path):
+    junk = tmp_path / "key.pem"
+    junk.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    line = one_error(run_papm("simulate", "--set", f"sign-key={junk}", "--run-dir", tmp_path / "run", cwd=tmp_path))
+    assert "not an unencrypted signing" in line and not (tmp_path / "run").exists()
