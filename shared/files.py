@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,17 +22,17 @@ def check_writable(path: Path | str, what: str = "--out", folder: bool = False) 
     target = Path(path).expanduser().absolute()
     if folder and target.exists() and not target.is_dir():
         raise PapmError(f"{what} {path} is a file; give a folder")
-    folder = target.parent if target.exists() and not target.is_dir() else target
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise PapmError(f"{what} {path}: {folder} is a file, not a folder; choose another path")
+    nearest = target.parent if target.exists() and not target.is_dir() else target
+    while not nearest.exists():  # the nearest existing folder is where the writing will start
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise PapmError(f"{what} {path}: {nearest} is a file, not a folder; choose another path")
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".papm-probe-")
+        fd, probe = tempfile.mkstemp(dir=nearest, prefix=".papm-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise PapmError(f"{what} {path}: cannot write in {folder} ({e.strerror or e}); choose a folder you can write") from None
+        raise PapmError(f"{what} {path}: cannot write in {nearest} ({e.strerror or e}); choose a folder you can write") from None
 
 
 def refuse_existing(*paths: Path | str, force: bool) -> None:
