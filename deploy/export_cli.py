@@ -52,8 +52,6 @@ def run_export(args: argparse.Namespace) -> int:
         from .bundle import PRIVATE_KEY, PUBLIC_KEY, generate_keypair
 
         keys = Path(args.new_key)
-        if keys.exists() and not keys.is_dir():
-            raise PapmError(f"--new-key {keys} is a file; give a folder for the key pair")
         for name in (PRIVATE_KEY, PUBLIC_KEY):
             if (keys / name).exists():
                 raise PapmError(f"{keys / name} already exists; sign with --sign-key {keys / PRIVATE_KEY}, or give --new-key another folder")

@@ -105,8 +105,6 @@ def init_kit(spec: KitSpec) -> Kit:
     d = spec.directory.expanduser().resolve()
     spec.directory = d
     marker = d / KIT_MARKER
-    if d.exists() and not d.is_dir():
-        raise PapmError(f"{d} is a file; give papm deploy init a new or empty folder for the kit")
     if d.is_dir() and any(d.iterdir()) and not marker.is_file():  # --force never touches what papm did not write
         raise PapmError(f"{d} holds files papm deploy init did not write (no {KIT_MARKER} marker); give it a new or "
                         "empty folder (a kit from papm before 0.1 has no marker: move it away yourself)")

@@ -177,8 +177,6 @@ def run_suite(suite: Suite, resume: bool = False, say: Callable[[str], None] = p
             record = json.loads(record_path.read_text())
         except ValueError:
             pass
-    if suite.root.exists() and not suite.root.is_dir():
-        raise PapmError(f"--runs-dir {suite.root} is a file; give a folder for the suite's runs")
     check_writable(suite.root, "--runs-dir", folder=True)
     if suite.root.exists() and not resume and any(suite.root.iterdir()):
         raise PapmError(f"{suite.root} already holds a suite; pass --resume to continue it or choose another runs-dir")
