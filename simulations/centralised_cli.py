@@ -245,7 +245,7 @@ def run_prune(args) -> int:
 
 
 def run_groups(args) -> int:
-    from ..deploy.group_report import REPORT_FILES, terminal_table, write_group_report
+    from ..shared.group_report import REPORT_FILES, terminal_table, write_group_report
     from ..shared.checkpoint import load_checkpoint
     from ..shared.class_stats import compute_class_stats
     from ..shared.datasets import load_dataset_like

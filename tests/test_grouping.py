@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from papm.deploy.group_report import write_group_report
+from papm.shared.group_report import write_group_report
 from papm.shared.grouping import (SIMILARITIES, analyse_groups, analyse_stats, balanced_groups, class_similarity,
                                   cluster_classes, confusion_within)
 from papm.shared.checkpoint import load_checkpoint

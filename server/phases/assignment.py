@@ -16,7 +16,7 @@ import numpy as np
 from flwr.common.logger import log
 from scipy.optimize import linear_sum_assignment
 
-from ...deploy.group_report import write_assignment, write_group_report
+from ...shared.group_report import write_assignment, write_group_report
 from ...shared.errors import PapmError
 from ...shared.grouping import analyse_stats, random_groups
 

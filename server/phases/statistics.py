@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...client.records import record_state
-from ...deploy.group_report import write_group_report
+from ...shared.group_report import write_group_report
 from ...shared.class_stats import ClassStatistics
 from ...shared.errors import PapmError
 from ...shared.files import atomic_write

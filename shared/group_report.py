@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..shared.errors import PapmError
-from ..shared.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..shared.grouping import GroupingAnalysis
+from .errors import PapmError
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .grouping import GroupingAnalysis
 
 REPORT_FILES = ("groups.csv", "groups.json", "similarity.png", "report.html")
 
