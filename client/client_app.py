@@ -128,7 +128,7 @@ def gptq_inputs(msg: Message, context: Context) -> Message:
     arrays, results = {}, {}
     for job in node.jobs():
         model = node.model(job["key"]).to(node.device)
-        images = node.data.train.of_classes(job["classes"]).sample(node.cfg.calib_samples, node.cfg.seed + node.partition_id)
+        images = node.calibration_images(job["classes"])
         if len(images):
             xtx, rows = layer_input_sums(model, job["layer"], normalise(images.x, info))
         else:
@@ -181,12 +181,11 @@ def export(msg: Message, context: Context) -> Message:
     def calibration(classes: list[int]) -> tuple[torch.Tensor | None, str]:
         if not node.cfg.int8:
             return None, ""
-        pool = node.data.train.of_classes(classes) if classes else node.data.train
-        what = "the group's classes" if classes and len(pool) else "all classes"
-        if not len(pool):
-            pool = node.data.train
-        images = pool.sample(node.cfg.calib_samples, seed).x
-        return normalise(images, info).numpy(), f"partition-id {node.partition_id} training images of {what}"
+        images = node.calibration_images(classes)
+        what = "the group's classes" if classes and len(images) else "all classes"
+        if not len(images):  # no image of the group's classes here: calibrate on what the node holds
+            images = node.calibration_images([])
+        return normalise(images.x, info).numpy(), f"partition-id {node.partition_id} training images of {what}"
 
     files, reports = {}, {}
     with tempfile.TemporaryDirectory(prefix="papm-export-") as tmp:

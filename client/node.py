@@ -41,6 +41,12 @@ class Node:
         model.load_state_dict(record_state(self.msg.content[key]))
         return model
 
+    def calibration_images(self, classes: list[int]):
+        """Up to ``calib-samples`` of this node's training images of ``classes`` (every class when empty):
+        one seeded choice per node, so GPTQ's input sums and INT8 calibration draw the same images."""
+        pool = self.data.train.of_classes(classes) if classes else self.data.train
+        return pool.sample(self.cfg.calib_samples, self.cfg.seed + self.partition_id)
+
     def jobs(self) -> list[dict]:
         """The message's jobs: one per model it carries (``{"key", ...}``, the model under ``key``)."""
         return config_json(self.msg.content["papm"], "jobs")
