@@ -52,6 +52,24 @@ def test_dry_run_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+SHIPPED_SUITES = sorted((Path(__file__).resolve().parents[1] / "simulations" / "suites").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SUITES, ids=lambda p: p.name)
+def test_every_shipped_suite_file_plans_every_run(path):
+    """A suite file we ship is a command a user runs as it is: every run's config must pass validation
+    (a GPU suite included: nothing here needs the GPU or the data to plan it)."""
+    import math
+
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    suite = plan_suite(path, runs_dir="planned")
+    grid_runs = math.prod(len(v) for v in doc.get("grid", {}).values()) if doc.get("grid") else 0
+    assert len(suite.runs) == (grid_runs + len(doc.get("variants", []))) * len(doc.get("seeds", [0]))
+    assert len({r.name for r in suite.runs}) == len(suite.runs)
+
+
 @pytest.mark.parametrize("doc,needle", [
     ("name: x\ngrid: {}\nseeds: [0]\n", "grid is empty"),
     ("name: x\ngrid: {budget: 0.5}\n", "non-empty list of values"),
