@@ -31,17 +31,19 @@ from bench_procs import tree_rss_mib
 from bench_record import record
 
 
-def run_in_process(cfg) -> float:
+def run_in_process(cfg, threads: int) -> float:
     """The whole run, same phases and handlers, without Flower's runtime. Returns seconds.
 
-    One torch thread, as each simulated node gets one CPU (and on this 2-core machine two
-    intra-op threads on these small tensors were 7x slower under load, not faster).
+    One torch thread by default, as each simulated node gets one CPU (and on this 2-core machine two
+    intra-op threads on digits' tiny tensors were 7x slower under load, not faster). On real images the
+    simulation runs one node per core at once, so compare it with as many threads as cores
+    (``--direct-threads``): the same machine doing the same work, node after node.
     """
     import torch
 
     from papm.simulations.direct import run_direct
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     run_direct(cfg)
     return time.perf_counter() - t0
@@ -74,26 +76,31 @@ def run_simulated(overrides: list[str], run_dir: Path) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--direct-threads", type=int, default=1, help="torch threads of the run without Flower (default 1)")
     ap.add_argument("--out", default="benchmarks")
     args = ap.parse_args(argv)
+    if args.direct_threads < 1:
+        raise SystemExit("error: --direct-threads must be >= 1; give the number of torch threads, e.g. the core count")
     from papm.shared.config import RunConfig
 
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
     try:
         cfg = RunConfig.from_overrides(args.set + [f"run-dir={work / 'direct'}"])
-        direct = run_in_process(cfg)
+        direct = run_in_process(cfg, args.direct_threads)
         simulated, peak = run_simulated(args.set, work / "sim")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     row = {"config": args.set or ["(defaults: digits demo)"], "nodes": cfg.nodes, "devices": cfg.devices, "dataset": cfg.dataset,
            "simulate_seconds": round(simulated, 2), "direct_seconds": round(direct, 2), "ratio": round(simulated / direct, 3),
-           "peak_rss_mib": round(peak, 1), "cpus": os.cpu_count()}
+           "peak_rss_mib": round(peak, 1), "cpus": os.cpu_count(),
+           "direct_threads": args.direct_threads}
     print(f"papm simulate (Flower, Ray):    {simulated:8.2f} s   peak memory {peak:8.1f} MiB (whole process tree)")
-    print(f"same phases without Flower:     {direct:8.2f} s")
+    print(f"same phases without Flower:     {direct:8.2f} s   ({args.direct_threads} torch thread(s))")
     print(f"ratio (simulate / direct):      {simulated / direct:.3f}")
     row["config_text"] = " ".join(row["config"])
     js, md = record(args.out, "bench_flower", row, {
         "config": "config_text", "nodes": "nodes", "simulate s": "simulate_seconds", "direct s": "direct_seconds",
+        "direct threads": "direct_threads",
         "ratio": "ratio", "peak MiB": "peak_rss_mib"})
     print(f"wrote {js} and {md}")
     return 0
