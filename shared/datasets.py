@@ -182,9 +182,12 @@ def _load_cifar10(root: Path, download: bool):
         train = CIFAR10(str(root), train=True, download=download)
         test = CIFAR10(str(root), train=False, download=download)
     except RuntimeError as e:
+        if (root / "train").is_dir() and _class_folders(root / "train"):  # a common mix-up: unpacked JPEG folders
+            raise PapmError(f"{root} holds an ImageFolder tree (train/<class>/), not torchvision's CIFAR-10 files; "
+                            "read it as dataset imagefolder (--dataset imagefolder, or --set dataset=imagefolder)") from None
         raise PapmError(
-            f"CIFAR-10 not found under {root} ({e}); pass --download where the network allows, "
-            "or point --dataset imagefolder --data-root at an ImageFolder tree"
+            f"CIFAR-10 not found under {root} ({e}); download it once where the network allows "
+            "(papm train --dataset cifar10 --download), or read an ImageFolder tree as dataset imagefolder"
         ) from None
     to_x = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
     return ((to_x(train.data), np.asarray(train.targets, dtype=np.int64)),

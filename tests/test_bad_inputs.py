@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import run_papm
+from conftest import run_papm, write_imagefolder_for_cli
 from test_export import exported_bundle
 
 
@@ -196,3 +196,14 @@ def test_a_run_with_a_junk_signing_key_stops_before_writing_anything(tmp_path):
     junk.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
     line = one_error(run_papm("simulate", "--set", f"sign-key={junk}", "--run-dir", tmp_path / "run", cwd=tmp_path))
     assert "not an unencrypted signing" in line and not (tmp_path / "run").exists()
+
+
+def test_an_imagefolder_tree_read_as_cifar10_says_which_dataset_it_is(tmp_path, digits):
+    """A common mix-up: CIFAR-10 unpacked into JPEG folders, then run as dataset=cifar10 (torchvision's files)."""
+    root = tmp_path / "photos"
+    write_imagefolder_for_cli(root, digits)
+    line = one_error(run_papm("simulate", "--set", "dataset=cifar10", "--set", f"data-root={root}",
+                              "--run-dir", tmp_path / "run", cwd=tmp_path))
+    assert "holds an ImageFolder tree" in line and "dataset=imagefolder" in line, line
+    assert not (tmp_path / "run").exists()
+
