@@ -21,9 +21,13 @@ MAX_PIXELS = 64_000_000  # larger images are refused (a decompression bomb), not
 
 
 def fit_image(im, in_channels: int, image_size: int) -> np.ndarray:
-    """A Pillow image -> uint8 C x S x S: grey or RGB, short side resized to S (bilinear), centre-cropped."""
+    """A Pillow image -> uint8 C x S x S: grey or RGB, short side resized to S (bilinear), centre-cropped.
+    16-bit grey images keep their top 8 bits."""
     from PIL import Image
 
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        # 16-bit grey (PNG, TIFF): Pillow's convert("L") clips every value above 255 to white; keep the top 8 bits
+        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8), mode="L")
     im = im.convert("L" if in_channels == 1 else "RGB")
     w, h = im.size
     if (w, h) != (image_size, image_size):

@@ -77,6 +77,23 @@ def test_parallel_decoding_gives_the_same_arrays(tmp_path):
     assert serial.shape == (24, 3, 32, 32) and np.array_equal(serial, parallel)
 
 
+def test_16_bit_grey_images_keep_their_contrast(tmp_path):
+    """Pillow's convert("L") turns every 16-bit value above 255 white; a 16-bit scan must read as its top 8 bits,
+    at every size and as grey or RGB, the same as the 8-bit file it would be saved as."""
+    from PIL import Image
+
+    from papm.shared.images import load_image
+
+    a = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(a).save(tmp_path / "scan16.png")
+    Image.fromarray((a >> 8).astype(np.uint8)).save(tmp_path / "scan8.png")
+    for channels, size in ((1, 64), (3, 64), (1, 24)):
+        x16 = load_image(tmp_path / "scan16.png", channels, size)
+        assert np.array_equal(x16, load_image(tmp_path / "scan8.png", channels, size))
+        assert x16.shape == (channels, size, size)
+    assert load_image(tmp_path / "scan16.png", 1, 64).std() > 50  # a gradient, not a white page
+
+
 def test_partitions_keep_a_minimum_size_or_refuse():
     labels = np.repeat(np.arange(10), 30)
     for method, kw in (("iid", {}), ("dirichlet", {"alpha": 0.3}), ("by-group", {"groups": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]})):
