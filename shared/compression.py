@@ -44,7 +44,9 @@ def masks_kept(keeper: MaskKeeper | None):
     if keeper is None:
         yield
         return
-    handle = register_optimizer_step_post_hook(lambda *_: keeper.reapply())
+    # the hook is process-wide (``fit`` builds its optimiser inside); it acts only on an optimiser that
+    # steps this model's masked weights, so other training in the process (threads, the warm worker) is untouched
+    handle = register_optimizer_step_post_hook(lambda opt, *_: keeper.reapply() if keeper.steps_with(opt) else None)
     try:
         yield
     finally:

@@ -207,6 +207,11 @@ class MaskKeeper:
                 self._targets[i] = (layer, keep)
             layer.weight.masked_fill_(~keep, 0.0)
 
+    def steps_with(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` updates any of the masked weights."""
+        mine = {id(layer.weight) for layer, _ in self._targets}
+        return any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+
     def attach(self, optimizer: torch.optim.Optimizer):
         """Re-apply after every ``optimizer.step()``; returns a handle whose ``.remove()`` detaches."""
         return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.reapply())

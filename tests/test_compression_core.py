@@ -138,6 +138,27 @@ def test_two_four_reports_layers_it_cannot_pattern_and_refuses_when_none_can():
 # ---- keeping masks through fine-tuning ------------------------------------------------------------
 
 
+def test_masks_kept_acts_on_the_masked_models_optimiser_only():
+    """masks_kept hooks every optimiser in the process (fit builds its own); only one that steps the masked
+    weights re-zeroes them, so another model trained meanwhile (the warm worker, a thread) costs nothing."""
+    from papm.shared.compression import masks_kept
+
+    model, other = tiny_resnet(), tiny_resnet()
+    masks = magnitude_masks(model, 0.8)
+    keeper = MaskKeeper(model, masks)
+    calls = []
+    keeper.reapply = lambda real=keeper.reapply: calls.append(1) or real()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    with masks_kept(keeper):
+        for m in (other, model):
+            opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            assert len(calls) == (0 if m is other else 1)
+    layers = dict(model.named_modules())
+    assert all(not bool(layers[n].weight[~masks[n]].any()) for n in masks)
+
+
 @pytest.mark.parametrize("use_attach", [False, True])
 def test_mask_keeper_keeps_zeros_zero_through_sgd_with_momentum_and_decay(use_attach):
     model = tiny_resnet()
