@@ -206,4 +206,3 @@ def test_an_imagefolder_tree_read_as_cifar10_says_which_dataset_it_is(tmp_path, 
                               "--run-dir", tmp_path / "run", cwd=tmp_path))
     assert "holds an ImageFolder tree" in line and "dataset=imagefolder" in line, line
     assert not (tmp_path / "run").exists()
-

@@ -55,6 +55,10 @@ def test_dry_run_writes_nothing(tmp_path):
 SHIPPED_SUITES = sorted((Path(__file__).resolve().parents[1] / "simulations" / "suites").glob("*.yaml"))
 
 
+def test_the_shipped_suites_are_found():
+    assert {"ablation.yaml", "compression.yaml", "cifar10-full.yaml"} <= {p.name for p in SHIPPED_SUITES}
+
+
 @pytest.mark.parametrize("path", SHIPPED_SUITES, ids=lambda p: p.name)
 def test_every_shipped_suite_file_plans_every_run(path):
     """A suite file we ship is a command a user runs as it is: every run's config must pass validation
