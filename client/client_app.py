@@ -178,7 +178,7 @@ def export(msg: Message, context: Context) -> Message:
     local = node.data.val if len(node.data.val) >= 8 else node.data.train
     parity_x = parity_inputs(local.x, n=64, seed=seed, normalise=lambda x: normalise(x, info))
 
-    def calibration(classes: list[int]) -> tuple["numpy.ndarray | None", str]:  # ONNX Runtime calibrates on numpy
+    def calibration(classes: list[int]) -> tuple[object, str]:  # (numpy images or None, where they come from)
         if not node.cfg.int8:
             return None, ""
         images = node.calibration_images(classes)
