@@ -8,7 +8,8 @@ tree (CIFAR-10 from ../shared/data), each against the same base checkpoint.
 Per run: base and fusion test accuracy (server side), fusion minus base, per-class accuracy,
 wall time per phase. Runs live in --runs (default runs/bench-cifar/<name>); a finished run is
 read back, an unfinished one resumed, so the grid can be stopped and continued. Writes
-benchmarks/bench_cifar.json (every run) and benchmarks/bench_cifar.md (the tables).
+benchmarks/bench_cifar.json (every run) and benchmarks/bench_cifar.md (the tables) after every run;
+rows of earlier invocations that this one does not run are kept, each with its own command and date.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def run_one(name: str, sets: list[str], runs: Path) -> dict:
     }
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"`{command}`", "", "| run | base | fusion | fusion - base | part params | wall s (prune, fusion, all phases) |",
-             "|---|---:|---:|---:|---:|---:|"]
+def markdown(rows: list[dict]) -> str:
+    lines = [f"- {r['name']} ({r['date']}): `{r['command']}`" for r in rows]
+    lines += ["", "| run | base | fusion | fusion - base | part params | wall s (prune, fusion, all phases) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         secs = r["phase_seconds"]
         lines.append(f"| {r['name']} | {100 * r['base_accuracy']:.2f}% | {100 * r['fusion_accuracy']:.2f}% | "
@@ -77,7 +79,19 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="bench_cifar", help="file name of the results in --out")
     ap.add_argument("--out", default="benchmarks")
     args = ap.parse_args(argv)
-    rows = []
+    from papm.shared.files import atomic_write_text
+
+    command = "python benchmarks/bench_cifar.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    record = out / f"{args.name}.json"
+    earlier = json.loads(record.read_text()) if record.exists() else {"runs": []}
+    rows = [{"command": earlier.get("command", ""), "date": earlier.get("date", ""), **r} for r in earlier["runs"]]
+
+    def save(row: dict) -> None:  # after every run: a grid stopped midway keeps what it finished
+        rows[:] = [r for r in rows if r["name"] != row["name"]] + [row]
+        atomic_write_text(record, json.dumps({"runs": rows}, indent=2) + "\n")
+        atomic_write_text(out / f"{args.name}.md", markdown(rows))
+
     for part in args.partitioner:
         for k in args.k:
             nodes = args.nodes or max(3, k)
@@ -87,18 +101,11 @@ def main(argv=None) -> int:
                 sets.append(f"dirichlet-alpha={args.dirichlet_alpha}")
             runtime = ("timeout=", "device=", "run-dir=")  # settings that do not change what a run computes
             name = f"{part}-k{k}-n{nodes}" + "".join(f"-{s.replace('=', '')}" for s in args.set if not s.startswith(runtime))
-            row = run_one(name, sets, Path(args.runs))
-            rows.append(row)
+            row = {**run_one(name, sets, Path(args.runs)), "command": command, "date": time.strftime("%Y-%m-%d")}
+            save(row)
             print(f"  base {100 * row['base_accuracy']:.2f}%  fusion {100 * row['fusion_accuracy']:.2f}%  "
                   f"fusion - base {100 * row['fusion_minus_base']:+.2f} points", flush=True)
-    command = "python benchmarks/bench_cifar.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
-    from papm.shared.files import atomic_write_text
-
-    atomic_write_text(out / f"{args.name}.json", json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
-                                                              "runs": rows}, indent=2) + "\n")
-    atomic_write_text(out / f"{args.name}.md", markdown(rows, command))
-    print(markdown(rows, command))
+    print(markdown(rows))
     return 0
 
 
