@@ -68,23 +68,24 @@ def check_compression(*, budget: float | None, criterion: str, schedule: str, st
     ``budget`` is None where the mode sets its own (2:4, a level); ``finetunes``: whether the
     settings ask for fine-tuning (epochs > 0)."""
     if level and level not in LEVELS:
-        raise PapmError(f"level must be 1..{max(LEVELS)}, got {level}")
+        raise PapmError(f"level must be 1..{max(LEVELS)}, got {level}; pick a rung of the ladder (0: no level)")
     if schedule not in SCHEDULES:
         raise PapmError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if sparsity not in SPARSITY_MODES:
         raise PapmError(f"unknown sparsity {sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
     if isinstance(weight_bits, bool) or (weight_bits != 0 and weight_bits not in ALLOWED_BITS):
-        raise PapmError(f"weight-bits must be one of {', '.join(map(str, ALLOWED_BITS))} (or 0: fp32 weights), got {weight_bits}")
+        raise PapmError(f"weight-bits must be one of {', '.join(map(str, ALLOWED_BITS))}, got {weight_bits}; "
+                       "give one of them (or 0: fp32 weights)")
     if weight_quant not in WEIGHT_QUANT:
         raise PapmError(f"unknown weight quantiser {weight_quant!r}; choose rtn or gptq")
     if weight_quant != "rtn" and not weight_bits:
         raise PapmError(f"weight-quant {weight_quant} rounds weights to weight-bits; give weight-bits (e.g. 4)")
     if schedule == "iterative" and steps < 2:
-        raise PapmError(f"schedule iterative needs steps >= 2 (cuts), got {steps}")
+        raise PapmError(f"schedule iterative needs steps >= 2 (cuts), got {steps}; give steps 2 or more, or schedule oneshot")
     if step_epochs < 0:
-        raise PapmError(f"step-epochs must be >= 0, got {step_epochs}")
+        raise PapmError(f"step-epochs must be >= 0, got {step_epochs}; 0 re-estimates BatchNorm only between cuts")
     if budget is not None and not 0.0 < budget < 1.0:
-        raise PapmError(f"budget must be in (0, 1) (the fraction of parameters to remove), got {budget}")
+        raise PapmError(f"budget must be in (0, 1), got {budget}; give the fraction of parameters to remove, e.g. 0.77")
     if sparsity == "unstructured" and budget is None:
         raise PapmError("sparsity unstructured zeroes the budget's share of the weights; give a budget, e.g. 0.77")
     if sparsity != "none" and (schedule != "oneshot" or data_free):

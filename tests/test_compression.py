@@ -205,8 +205,10 @@ def test_federated_iterative_schedule_resumes_between_cuts_and_ends_where_an_uni
     assert (a["base"]["accuracy"], a["fusion"]["accuracy"]) == (b["base"]["accuracy"], b["fusion"]["accuracy"])
     assert [m["round"] for m in _metrics(killed, "prune")] == [1, 1, 2, 2]  # two groups, two cuts, each once
     assert [m["round"] for m in _metrics(killed, "prune-recovery")] == [1, 1]  # the recovery between the cuts, once
+    assert [m["round"] for m in _metrics(killed, "prune-bn")] == [2, 2]  # BatchNorm after the last cut, once
     steps = list(csv.DictReader(open(killed / "devices" / "device-0" / "prune_steps.csv")))
     assert [int(r["step"]) for r in steps] == [1, 2] and steps[0]["after_recovery_group"] and steps[1]["final_group"]
+    assert steps[1]["after_bn_group"] and not steps[0]["after_bn_group"]
     assert int(steps[0]["params"]) > int(steps[1]["params"])
     for g in range(2):
         report = json.loads((killed / "devices" / f"device-{g}" / "prune.json").read_text())
@@ -215,6 +217,31 @@ def test_federated_iterative_schedule_resumes_between_cuts_and_ends_where_an_uni
         for m in model.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                 assert distinct_values_per_channel(m.weight) <= 2 ** 4
+
+
+def test_federated_cut_reports_accuracy_before_and_after_batchnorm_reestimation_which_leaves_the_weights_alone(tmp_path):
+    runs = {}
+    for recalibrate in (True, False):
+        runs[recalibrate] = tmp_path / f"bn-{recalibrate}"
+        run_direct(RunConfig.from_overrides([*FED, f"bn-recalibrate={str(recalibrate).lower()}", f"run-dir={runs[recalibrate]}"]))
+    assert [m["device"] for m in _metrics(runs[True], "prune-bn")] == [0, 1] and not _metrics(runs[False], "prune-bn")
+    for g in range(2):
+        on, off = (json.loads((runs[r] / "devices" / f"device-{g}" / "prune.json").read_text()) for r in (True, False))
+        assert on["bn_recalibrate"] is True and off["bn_recalibrate"] is False and on["level"] == 0
+        # the same cut, measured as cut and with exact BatchNorm statistics of the cut model
+        assert on["test_accuracy_after_cut"] == off["test_accuracy_after_cut"]
+        assert on["test_accuracy_after_bn_recalibrate"] != on["test_accuracy_after_cut"]
+        assert off["test_accuracy_after_bn_recalibrate"] is None
+        row = list(csv.DictReader(open(runs[True] / "devices" / f"device-{g}" / "prune_steps.csv")))[-1]
+        assert float(row["after_bn_group"]) == on["test_accuracy_after_bn_recalibrate"]["group"]
+        # fine-tuning trains in train mode (batch statistics): the learned weights are the same with or without
+        # the re-estimation; only the running statistics differ
+        a, b = (load_checkpoint(runs[r] / "devices" / f"device-{g}" / "pruned.pt")[0].state_dict() for r in (True, False))
+        for name in a:
+            if name.endswith(("running_mean", "running_var")):
+                continue
+            assert torch.equal(a[name], b[name]), name
+        assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith("running_var"))
 
 
 def test_federated_two_four_sparsity_stays_through_fedavg_fine_tuning(tmp_path):

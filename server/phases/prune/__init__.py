@@ -19,7 +19,8 @@ was in. Outputs: ``devices/device-k/pruned.pt`` and ``prune.json``.
 The compression options (``compression_options.py``) change the cut, not the rounds:
 ``schedule=iterative`` makes ``steps`` cuts, each group's APoZ re-measured on the nodes on its
 current model, with one FedAvg round of ``step-epochs`` (or BatchNorm re-estimation only)
-between cuts; ``data-free`` cuts by weights alone and restores the removed channels in the next
+between cuts (after the last cut, or the only one, BatchNorm is re-estimated with ``bn-recalibrate`` and the test
+accuracy before and after it is reported); ``data-free`` cuts by weights alone and restores the removed channels in the next
 layers, with no fine-tuning; ``sparsity`` zeroes single weights instead (the nodes keep zeros
 zero while fine-tuning); ``weight-bits`` rounds the fine-tuned weights per output channel, to nearest
 on the server (``weight-quant=rtn``) or by GPTQ (``gptq``): layer by layer, each layer's input statistics
@@ -95,9 +96,9 @@ def run(d: RunDriver) -> None:
         start, done, models, args, apoz_nodes = resumed
         log(INFO, "prune: resuming after cut %d of %d, fine-tuning round %d of %d", done, cuts(cfg), start,
             cfg.finetune_rounds)
-        d.rd.rewind_metrics({"prune": done, "prune-recovery": done, "finetune": start})
+        d.rd.rewind_metrics({"prune": done, "prune-recovery": done, "prune-bn": done, "finetune": start})
     else:
-        d.rd.rewind_metrics({"prune": None, "prune-recovery": None, "finetune": None})
+        d.rd.rewind_metrics({"prune": None, "prune-recovery": None, "prune-bn": None, "finetune": None})
         start, done = 0, 0
         models = {g: copy.deepcopy(base).cpu() for g in range(len(groups))}
         args = {g: base_args for g in range(len(groups))}
@@ -112,6 +113,13 @@ def run(d: RunDriver) -> None:
             recalibrate(d, models, args, info, assignment)
             for g, model in models.items():
                 d.rd.log_metrics("prune-recovery", round=done, device=g, **test_accuracy(d, model, info, groups[g]))
+        elif cfg.bn_recalibrate and not cfg.data_free:
+            # right after the surgery: exact BatchNorm statistics of the cut model, no gradient step (what the
+            # cut alone costs, told apart from what BatchNorm's stale statistics cost); the weights, so the
+            # fine-tuning, are the same with or without it
+            recalibrate(d, models, args, info, assignment)
+            for g, model in models.items():
+                d.rd.log_metrics("prune-bn", round=done, device=g, **test_accuracy(d, model, info, groups[g]))
         save_progress(d, 0, done, models, args, apoz_nodes)
     if not cfg.data_free:  # data-free models take no step on data
         finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start)

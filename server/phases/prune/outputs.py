@@ -19,18 +19,27 @@ if TYPE_CHECKING:
 
 def write_steps(path, metrics: list[dict], g: int, final: dict) -> None:
     """One row per cut of device ``g``'s model: parameters, reduction and test accuracy after the cut, after the
-    recovery before the next cut, and (last row) after fine-tuning and weight rounding."""
+    recovery before the next cut (or, after the last cut, after BatchNorm re-estimation alone), and (last row) after
+    fine-tuning and weight rounding."""
     recovered = {m["round"]: m for m in metrics if m["phase"] == "prune-recovery" and m.get("device") == g}
+    bn = {m["round"]: m for m in metrics if m["phase"] == "prune-bn" and m.get("device") == g}
     rows = []
     for m in (m for m in metrics if m["phase"] == "prune" and m.get("device") == g):
         row = {"step": m["round"], "params": m.get("params_after"), "nonzero_params": m.get("nonzero_params", m.get("params_after")),
                "reduction": m.get("reduction"), "after_cut_group": m.get("test_group"), "after_cut_all": m.get("test_all")}
-        r = recovered.get(m["round"], {})
-        row.update(after_recovery_group=r.get("test_group"), after_recovery_all=r.get("test_all"))
+        r, b = recovered.get(m["round"], {}), bn.get(m["round"], {})
+        row.update(after_bn_group=b.get("test_group"), after_bn_all=b.get("test_all"),
+                   after_recovery_group=r.get("test_group"), after_recovery_all=r.get("test_all"))
         rows.append(row)
     if rows:
         rows[-1].update(final_group=final["test_group"], final_all=final["test_all"])
         atomic_write_csv(path, rows)
+
+
+def last_cut_accuracy(metrics: list[dict], label: str, g: int) -> dict | None:
+    """{"all", "group"} test accuracy of device ``g``'s last ``label`` line (None: no such line)."""
+    m = next((m for m in reversed(metrics) if m["phase"] == label and m.get("device") == g), None)
+    return None if m is None else {"all": m.get("test_all"), "group": m.get("test_group")}
 
 
 def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: list, apoz_nodes: dict,
@@ -52,12 +61,16 @@ def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: li
             "reduction": next((m["reduction"] for m in reversed(metrics) if m["phase"] == "prune" and m.get("device") == g),
                               round(1 - params_after / params_before, 6)),
             "target": None if target_budget(cfg) is None else round(target_budget(cfg), 6),
-            "schedule": cfg.schedule, "cuts": cuts(cfg), "data_free": cfg.data_free, **cfg.compression(),
+            "schedule": cfg.schedule, "cuts": cuts(cfg), "data_free": cfg.data_free, "level": cfg.level,
+            "bn_recalibrate": cfg.bn_recalibrate and not cfg.data_free, **cfg.compression(),
             "weights": weights.get(g, {"weight_bits": 32}), "size": size_report(model),
             "criterion": cfg.criterion if cfg.compression()["sparsity"] == "none" and target_budget(cfg) is not None else None,
             "baseline": cfg.baseline, "grouping": cfg.grouping,
             "alpha": cfg.alpha, "kept_channels": args[g]["channels"], "macs_before": macs_before, "macs_after": macs_after,
             "bytes": path.stat().st_size,
             "test_accuracy": {"all": final["test_all"], "group": final["test_group"]},
+            # the last cut's accuracy before any fine-tuning: as cut, and with BatchNorm re-estimated (bn-recalibrate)
+            "test_accuracy_after_cut": last_cut_accuracy(metrics, "prune", g),
+            "test_accuracy_after_bn_recalibrate": last_cut_accuracy(metrics, "prune-bn", g),
             "apoz_nodes": apoz_nodes[g],
         })
