@@ -202,3 +202,24 @@ def test_weighted_average_stops_a_run_whose_nodes_diverged():
     bad = {"w": torch.tensor([1.0, float("nan"), 1.0]), "n": torch.tensor(2)}
     with pytest.raises(PapmError, match="averaged w holds NaN or infinite values: training diverged"):
         weighted_average([good, bad], [1, 1])
+
+
+# ---- the simulation's worker layout -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpus,nodes,size,expected", [
+    (2, 3, 32, 2),   # 3 nodes on 2 cores: one 2-thread worker (3 turns at ~1.8x) beats 2 workers that leave a core idle
+    (2, 5, 32, 2),   # the same with 5 nodes (2, 2, 1 turns would waste half a turn)
+    (2, 3, 8, 1),    # 8x8 images: a second thread barely helps, two workers finish first
+    (2, 2, 32, 1),   # as many nodes as cores: one node per core
+    (2, 4, 32, 1),
+    (1, 7, 32, 1),
+    (16, 3, 32, 5),  # few nodes on many cores: every core works (3 workers of 5 threads, not 3 single threads)
+    (16, 64, 32, 1),
+])
+def test_simulated_nodes_get_the_threads_that_finish_an_exchange_first(cpus, nodes, size, expected):
+    from papm.simulations.simulate import cpus_per_node, thread_scaling
+
+    c = cpus_per_node(cpus, nodes, thread_scaling(size))
+    assert c == expected
+    assert 1 <= c <= cpus and cpus // c >= 1  # Flower's Ray backend keeps cpus // c workers, never none
