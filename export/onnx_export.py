@@ -96,6 +96,28 @@ def onnx_session(path: Path | str, threads: int = 1):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def onnx_latency_ms(modules: dict[str, nn.Module], example: torch.Tensor, runs: int = 50, threads: int = 1) -> dict[str, float]:
+    """Median milliseconds of one ONNX Runtime (CPU, fp32, ``threads``) call of each module on ``example`` (batch 1:
+    one image, as a device sees it), each exported to a temporary file. The calls of the modules alternate, so a
+    machine busy with other work slows them alike and their ratio holds; 5 untimed calls each first."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="papm-latency-") as tmp:
+        sessions = {name: onnx_session(export_onnx(m, example, Path(tmp) / f"{i}.onnx", "image", "output"), threads)
+                    for i, (name, m) in enumerate(modules.items())}
+        x = example[:1].detach().cpu().float().numpy()
+        feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for i in range(5 + runs):
+            for name, sess in sessions.items():
+                t = time.perf_counter()
+                sess.run(None, feeds[name])
+                if i >= 5:
+                    times[name].append(time.perf_counter() - t)
+    return {name: 1000.0 * float(np.median(t)) for name, t in times.items()}
+
+
 def run_onnx(path: Path | str, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     sess = onnx_session(path)
     name = sess.get_inputs()[0].name

@@ -69,6 +69,23 @@ def quantize_weights(model: nn.Module, bits: int, method: str, calibration: Imag
     return {"weight_bits": bits, "weight_quant": "gptq", "calibration_samples": len(data)}
 
 
+def dense_runtime_note(sparsity: str, weight_bits: int) -> str | None:
+    """What a dense runtime (ONNX Runtime on a CPU) makes of the compression, in plain words; None for a plain
+    channel cut (a smaller dense model: its latency is what was measured)."""
+    notes = []
+    if sparsity != "none":
+        notes.append(f"{sparsity} sparsity keeps every weight tensor's shape: dense ONNX Runtime runs the zeros like any "
+                     "other weight, so the model is no faster and no smaller in memory than the dense model; only the "
+                     "compressed file shrinks")
+    if weight_bits and weight_bits < 8:
+        notes.append(f"{weight_bits}-bit weights are evaluated in PyTorch; ONNX Runtime has no CPU kernels below 8 bits "
+                     "and runs them as fp32 (INT8: papm export --int8)")
+    elif weight_bits == 8:
+        notes.append("8-bit weights are rounded in PyTorch and still stored as fp32; INT8 kernels on ONNX Runtime "
+                     "come from papm export --int8")
+    return "; ".join(notes) or None
+
+
 def size_report(model: nn.Module) -> dict:
     """Non-zero parameters, sparsity and the zlib-compressed size of the weights (see ``sparsity_report``)."""
     r = sparsity_report(model)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .bn import recalibrate_bn
-from .compression import masks_kept, quantize_weights, size_report, sparsity_masks
+from .compression import dense_runtime_note, masks_kept, quantize_weights, size_report, sparsity_masks
 from .datasets import DataSplits
 from .importance import count_zero_activations
 from .pruning import macs_and_params
@@ -157,6 +157,7 @@ def specialise(
         "level": settings.level or None,
         "weights": quant or {"weight_bits": 32},
         "size": size,
+        "dense_runtime_note": dense_runtime_note(settings.sparsity, settings.weight_bits),
         "kept_channels": args["channels"],
         "base_channels": base_args["channels"],
         "macs_before": macs_before,

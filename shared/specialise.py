@@ -87,7 +87,7 @@ class PruneSettings:
         if self.level == 0:
             return
         if self.level not in LEVELS:
-            raise PapmError(f"level must be 1..{max(LEVELS)}, got {self.level}")
+            raise PapmError(f"level must be 1..{max(LEVELS)}, got {self.level}; pick a rung of the ladder (0: no level)")
         rung = LEVELS[self.level]
         budget = rung.budget
         if (self.sparsity, self.weight_bits, self.weight_quant, self.budget) == (rung.sparsity, rung.weight_bits,

@@ -213,6 +213,7 @@ def run_prune(args) -> int:
     model, margs, report = specialise(base, ckpt["model_args"], splits, classes, settings, device, progress=_progress(args))
     if not all(math.isfinite(row["loss"]) for row in report["history"]):
         raise PapmError(f"fine-tuning diverged at --finetune-lr {args.finetune_lr:g}; lower it and prune again (nothing was saved)")
+    report["latency"] = _latency(base, model, info)
     report["base_checkpoint"] = str(args.checkpoint)
     report["checkpoint"] = str(out)
     save_checkpoint(out, model, margs, info, kind="pruned",
@@ -240,8 +241,35 @@ def run_prune(args) -> int:
             cells = [row.get(k) for k in ("after_cut_group", "after_bn_group", "after_step_finetune_group")]
             print(f"  step {row['step']}: {row['params']:>10,} parameters      " +
                   "   ".join(f"{c:>11.4f}" if c is not None else f"{'-':>11}" for c in cells))
+    lat = report["latency"]
+    if lat.get("pruned_ms") is not None:
+        print(f"latency ({lat['measured']}): base {lat['base_ms']:.3f} ms, pruned {lat['pruned_ms']:.3f} ms "
+              f"({lat['pruned_ms'] / lat['base_ms']:.2f}x)")
+    if report["dense_runtime_note"]:
+        print(f"note: {report['dense_runtime_note']}")
     print(f"saved {out}, {report_path} and {steps_path}")
     return 0
+
+
+def _latency(base, model, info) -> dict:
+    """The base and the compressed model on ONNX Runtime (fp32, CPU, batch 1, 1 thread, median of 50 calls):
+    what a dense edge runtime makes of the compression. An export that fails leaves the numbers out, with why."""
+    import platform
+
+    import onnxruntime
+    import torch
+
+    from ..export.onnx_export import onnx_latency_ms
+    from ..shared.errors import PapmError
+
+    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+    measured = (f"ONNX Runtime {onnxruntime.__version__} fp32, CPU {platform.machine()}, batch 1, 1 thread, "
+                "median of 50 calls, the two alternating")
+    try:
+        ms = onnx_latency_ms({"base": base, "pruned": model}, example)
+        return {"base_ms": round(ms["base"], 4), "pruned_ms": round(ms["pruned"], 4), "measured": measured}
+    except PapmError as e:
+        return {"base_ms": None, "pruned_ms": None, "measured": measured, "error": str(e)}
 
 
 def run_groups(args) -> int:

@@ -73,6 +73,23 @@ def test_papm_prune_iterative_writes_one_csv_row_per_step(tmp_path, base_ckpt):
     assert float(rows[1]["after_finetune_all"]) == report["accuracy"]["after_finetune"]["all"]
 
 
+def test_papm_prune_reports_onnx_latency_and_says_what_sparsity_does_not_speed_up(tmp_path, base_ckpt):
+    notes = {}
+    for name, flags in (("cut", ["--budget", "0.77"]), ("sparse", ["--sparsity", "2:4"]),
+                        ("bits", ["--budget", "0.5", "--weight-bits", "4"])):
+        r = run_papm("prune", base_ckpt, "--classes", "3,5,8", *flags, "--finetune-epochs", "0", "--out", f"{name}.pt",
+                     "--quiet", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        lat = report["latency"]
+        assert lat["base_ms"] > 0 and lat["pruned_ms"] > 0 and "ONNX Runtime" in lat["measured"]
+        assert "latency (ONNX Runtime" in r.stdout
+        notes[name] = report["dense_runtime_note"]
+    assert notes["cut"] is None  # a channel cut is a smaller dense model: its latency says it all
+    assert "2:4 sparsity" in notes["sparse"] and "no faster" in notes["sparse"]
+    assert "4-bit weights are evaluated in PyTorch" in notes["bits"]
+
+
 def test_bad_schedule_options_are_one_line(tmp_path, base_ckpt):
     for extra, needle in ((["--schedule", "cyclic"], "unknown schedule 'cyclic'"),
                           (["--steps", "3"], "--steps 3 needs --schedule iterative"),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ....shared.checkpoint import save_checkpoint
-from ....shared.compression import size_report
+from ....shared.compression import dense_runtime_note, size_report
 from ....shared.files import atomic_write_csv, atomic_write_json
 from ....shared.pruning import macs_and_params
 from .cut import cuts, target_budget
@@ -64,6 +64,7 @@ def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: li
             "schedule": cfg.schedule, "cuts": cuts(cfg), "data_free": cfg.data_free, "level": cfg.level,
             "bn_recalibrate": cfg.bn_recalibrate and not cfg.data_free, **cfg.compression(),
             "weights": weights.get(g, {"weight_bits": 32}), "size": size_report(model),
+            "dense_runtime_note": dense_runtime_note(cfg.compression()["sparsity"], cfg.compression()["weight_bits"]),
             "criterion": cfg.criterion if cfg.compression()["sparsity"] == "none" and target_budget(cfg) is not None else None,
             "baseline": cfg.baseline, "grouping": cfg.grouping,
             "alpha": cfg.alpha, "kept_channels": args[g]["channels"], "macs_before": macs_before, "macs_after": macs_after,
