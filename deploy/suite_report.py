@@ -36,8 +36,9 @@ def _json(path: Path) -> Any:
         return None
 
 
-def split_latency_ms(bundle_dir: Path, runs: int = 30) -> float | None:
-    """Slowest part + head, batch 1, 1 thread, median over ``runs`` (None without a bundle)."""
+def split_latency_ms(bundle_dir: Path, runs: int = 30, precision: str = "fp32") -> float | None:
+    """Slowest part + head, batch 1, 1 thread, median over ``runs`` (None without a bundle, or without parts of
+    that ``precision``: the INT8 parts run with the fp32 head, as `papm infer` runs them)."""
     import numpy as np
 
     from .bundle import load_bundle
@@ -46,6 +47,8 @@ def split_latency_ms(bundle_dir: Path, runs: int = 30) -> float | None:
     if not (bundle_dir / "manifest.json").is_file():
         return None
     bundle = load_bundle(bundle_dir, quiet=True)
+    if not all(precision in p["files"] for p in bundle.parts):
+        return None
     inp = bundle.manifest["input"]
 
     def median_ms(entry: dict, shape: tuple) -> float:
@@ -60,7 +63,7 @@ def split_latency_ms(bundle_dir: Path, runs: int = 30) -> float | None:
             times.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(times)
 
-    parts = [median_ms(p["files"]["fp32"], (1, inp["channels"], inp["image_size"], inp["image_size"])) for p in bundle.parts]
+    parts = [median_ms(p["files"][precision], (1, inp["channels"], inp["image_size"], inp["image_size"])) for p in bundle.parts]
     head = median_ms(bundle.manifest["head"]["files"]["fp32"], (1, bundle.manifest["head"]["feature_size"]))
     return max(parts) + head
 
@@ -103,6 +106,9 @@ def collect(root: Path, measure_latency: bool = True) -> tuple[list[dict], list[
                "base_params": ev["base"]["params"], "max_part_kb": round(max(sizes) / 1024, 1) if sizes else None,
                "max_part_zlib_kb": round(max(zipped) / 1024, 1) if zipped else None,
                "split_latency_ms": split_latency_ms(d / "bundle") if measure_latency else None,
+               # int8=true: the INT8 split through ONNX Runtime (the bundle phase's accuracy on the test split)
+               "int8_split_accuracy": ((ev.get("bundle") or {}).get("accuracy") or {}).get("int8", {}).get("split"),
+               "int8_split_latency_ms": split_latency_ms(d / "bundle", precision="int8") if measure_latency else None,
                "wall_seconds": round(sum(v.get("seconds", 0) for v in state.get("phases", {}).values()), 1),
                "per_class": {c: (ev["base"]["per_class"].get(c), ev["fusion"]["per_class"].get(c)) for c in ev["base"]["per_class"]},
                "groups": [p.get("class_names", []) for p in parts]}
@@ -135,22 +141,26 @@ def markdown(rows: list[dict], varying: list[str], failed: list[dict], root: Pat
     groups = configurations(rows, varying)
     # storage columns where some part is sparse or low-bit (the dense size says it all otherwise)
     sizes = any(r["max_part_nonzero"] != r["max_part_params"] for r in rows)
+    int8 = any(r.get("int8_split_accuracy") is not None for r in rows)  # INT8 columns where some run exported INT8
     lines = [f"# Suite report: {root}", "", f"{len(rows)} finished runs, {len(failed)} failed or unfinished; mean +- "
              "standard deviation over seeds (accuracy in %, server-side test split). Regenerate with "
              f"`papm report {root}`.", "",
              "| " + " | ".join(keys + ["seeds", "base", "fusion", "fusion - base", "max part params"]
-                               + (["max part non-zero", "max part zlib KiB"] if sizes else []) + ["split latency ms"]) + " |",
-             "|" + "---|" * (len(keys) + 6 + 2 * sizes)]
+                               + (["max part non-zero", "max part zlib KiB"] if sizes else []) + ["split latency ms"]
+                               + (["INT8 split (ONNX Runtime)", "INT8 split latency ms"] if int8 else [])) + " |",
+             "|" + "---|" * (len(keys) + 6 + 2 * sizes + 2 * int8)]
     for combo, runs in groups.items():
         b, f, dlt = (_mean_std([r[k] for r in runs]) for k in ("base_accuracy", "fusion_accuracy", "fusion_minus_base"))
         lat = _mean_std([r["split_latency_ms"] for r in runs])
+        q, qlat = _mean_std([r.get("int8_split_accuracy") for r in runs]), _mean_std([r.get("int8_split_latency_ms") for r in runs])
         lines.append("| " + " | ".join([json.loads(v) if isinstance(json.loads(v), str) else v for v in combo]
                                        + [str(len(runs)), _pct(*b), _pct(*f), _pct(*dlt),
                                           f"{max(r['max_part_params'] or 0 for r in runs):,}",
                                           *([f"{max(r['max_part_nonzero'] or 0 for r in runs):,}",
                                              "-" if any(r["max_part_zlib_kb"] is None for r in runs)
                                              else f"{max(r['max_part_zlib_kb'] for r in runs):.1f}"] if sizes else []),
-                                          "-" if math.isnan(lat[0]) else f"{lat[0]:.3f}"]) + " |")
+                                          "-" if math.isnan(lat[0]) else f"{lat[0]:.3f}",
+                                          *([_pct(*q), "-" if math.isnan(qlat[0]) else f"{qlat[0]:.3f}"] if int8 else [])]) + " |")
     lines += ["", "A difference between two configurations smaller than the larger of their standard deviations is "
               "within seed noise.", ""]
     for combo, runs in groups.items():
@@ -211,7 +221,7 @@ def write_report(root: Path | str, out: Path | str | None = None, measure_latenc
         raise PapmError(f"no run under {root} has finished ({len(failed)} failed or unfinished); nothing to report")
     columns = ["run", *varying, "base_accuracy", "fusion_accuracy", "fusion_minus_base", "mean_part_params",
                "max_part_params", "max_part_nonzero", "base_params", "max_part_kb", "max_part_zlib_kb", "split_latency_ms",
-               "wall_seconds"]
+               "int8_split_accuracy", "int8_split_latency_ms", "wall_seconds"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

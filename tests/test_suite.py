@@ -162,6 +162,21 @@ def test_baselines_keep_the_parameters_they_promise(tmp_path):
                                base={"devices": 3, "nodes": 3}))
 
 
+def test_the_report_shows_the_int8_split_through_onnx_runtime_where_a_run_exported_it(tmp_path):
+    path = write_suite(tmp_path / "s.yaml", {"int8": [False, True]})
+    record = run_suite(plan_suite(path, runs_dir=str(tmp_path / "runs")), say=lambda _: None)
+    assert all(e["status"] == "done" for e in record["runs"].values()), record
+    paths = write_report(tmp_path / "runs", measure_latency=True)
+    rows = {r["int8"]: r for r in csv.DictReader(open(paths["summary_all.csv"]))}
+    ev = json.loads((tmp_path / "runs" / "int8=true,seed=0" / "evaluation.json").read_text())
+    assert float(rows["True"]["int8_split_accuracy"]) == pytest.approx(ev["bundle"]["accuracy"]["int8"]["split"])
+    assert float(rows["True"]["int8_split_latency_ms"]) > 0
+    assert rows["False"]["int8_split_accuracy"] == "" and rows["False"]["int8_split_latency_ms"] == ""
+    md = paths["summary_all.md"].read_text()
+    assert "| INT8 split (ONNX Runtime) | INT8 split latency ms |" in md
+    assert f"{100 * ev['bundle']['accuracy']['int8']['split']:.2f} +- 0.00" in md
+
+
 @pytest.mark.parametrize("name", ["ablation", "cifar10-subset"])
 def test_readme_tables_are_the_committed_reports(name):
     """The README's headline tables are `papm report`'s output (benchmarks/suite-NAME), never typed by hand."""
