@@ -63,7 +63,13 @@ class RunDriver:
             self.nodes.pop(node, None)
         if self.failures:
             self.rd.note("failures", self.failures)
-        return {n: r.content for n, r in result.replies.items()}
+        # Replies arrive in whatever order the nodes finish; averaging them in that order makes two runs of one
+        # config differ in the last bits (and, over rounds, in a test image or two): order them by partition-id.
+        return {n: result.replies[n].content for n in self.by_partition(result.replies)}
+
+    def by_partition(self, node_ids) -> list[int]:
+        """Node ids in partition-id order (node ids, which Flower draws at random, only for nodes not yet known)."""
+        return sorted(node_ids, key=lambda n: (self.nodes.get(n, {}).get("partition_id", math.inf), n))
 
     def item_failed(self, phase: str, node: int, item: str, why: str) -> None:
         """One job of a node failed (the node stays in the run; another node takes the job)."""
@@ -204,6 +210,7 @@ class RunDriver:
         for pid, g in assignment["partition_group"].items():
             if pid in by_pid:
                 out[g].append(by_pid[pid])
+        out = {g: self.by_partition(ns) for g, ns in out.items()}  # sums in one order, whatever order groups were written in
         lost = [g for g, ns in out.items() if not ns]
         if lost:
             pids = {g: [p for p, gg in assignment["partition_group"].items() if gg == g] for g in lost}

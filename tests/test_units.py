@@ -173,6 +173,22 @@ def test_exchange_returns_as_soon_as_every_node_answered(task_identity):
     assert sorted(result.replies) == [1, 2] and not result.failed
 
 
+def test_replies_come_back_in_partition_order_whatever_order_they_arrive_in(task_identity, tmp_path):
+    """FedAvg sums the replies in the order send() returns them: arrival order would make two runs of one config
+    differ in the last bits of every average (and, rounds later, in a test image or two)."""
+    from papm.server.driver import RunDriver
+    from papm.shared.config import RunConfig
+
+    # node ids are Flower's random draws; partition 0 sits on the largest id and answers last
+    grid = FakeGrid({907: "late", 12: "ok", 455: "ok"})
+    d = RunDriver(grid, RunConfig(run_dir=str(tmp_path / "run"), timeout=5), resume=False)
+    d.nodes = {12: {"partition_id": 2}, 455: {"partition_id": 1}, 907: {"partition_id": 0}}
+    replies = d.send("base", "query", _requests([12, 455, 907]))
+    assert list(replies) == [907, 455, 12]
+    assert [r["a"]["x"] for r in replies.values()] == [9070, 4550, 120]
+    assert d.group_nodes({"k": 2, "partition_group": {2: 0, 0: 0, 1: 1}}) == {0: [907, 12], 1: [455]}
+
+
 # ---- seeded training --------------------------------------------------------------------------
 
 

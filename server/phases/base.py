@@ -56,7 +56,7 @@ def run(d: RunDriver) -> None:
             weights = [float(c["metrics"]["num-examples"]) for c in replies.values()]
             model.load_state_dict(weighted_average(states, weights))
             if cfg.bn != "average":
-                d.recalibrate_bn("base", {"base": (model, args)}, {"base": list(d.nodes)}, info)
+                d.recalibrate_bn("base", {"base": (model, args)}, {"base": d.by_partition(d.nodes)}, info)
             acc = evaluate(model, test, info, d.device)["accuracy"]
             loss = sum(float(c["metrics"]["train-loss"]) * w for c, w in zip(replies.values(), weights)) / sum(weights)
             d.rd.log_metrics("base", round=rnd + 1, nodes=len(replies), train_loss=loss, test_accuracy=acc)

@@ -32,7 +32,7 @@ def workers(d: RunDriver, assignment: dict) -> dict[str, list[int]]:
     """Model key -> the live nodes that work on that group's model (``finetune-nodes``)."""
     members = d.group_nodes(assignment)  # a group that lost every node stops the run here
     if d.cfg.finetune_nodes == "all":
-        return {job_key(g): sorted(d.nodes) for g in members}
+        return {job_key(g): d.by_partition(d.nodes) for g in members}
     return {job_key(g): ns for g, ns in members.items()}
 
 
