@@ -5,6 +5,9 @@ tree (CIFAR-10 from ../shared/data), each against the same base checkpoint.
     papm train --dataset imagefolder --data-root data/cifar10 --width 0.25 --epochs 10 --out base.pt
     python benchmarks/bench_cifar.py --base base.pt --data-root data/cifar10 --k 2 3 5 --partitioner iid dirichlet
 
+On a GPU machine without Flower's simulation extra (no Ray), `--engine direct` runs the very same phases
+and ClientApp handlers in one process, node after node (papm.simulations.direct): the accuracies are the
+run's; the wall times are that machine's, without Flower's runtime. Each row names its engine and device.
 Per run: base and fusion test accuracy (server side), fusion minus base, per-class accuracy,
 wall time per phase. Runs live in --runs (default runs/bench-cifar/<name>); a finished run is
 read back, an unfinished one resumed, so the grid can be stopped and continued. Writes
@@ -22,8 +25,16 @@ import time
 from pathlib import Path
 
 
-def run_one(name: str, sets: list[str], runs: Path) -> dict:
+def run_one(name: str, sets: list[str], runs: Path, engine: str = "simulate") -> dict:
     run = runs / name
+    if not (run / "evaluation.json").exists() and engine == "direct":
+        # The same phases and ClientApp handlers in this process, node after node (papm.simulations.direct):
+        # what a GPU machine without Ray runs; the numbers are the run's, the wall times are not Flower's.
+        from papm.shared.config import RunConfig
+        from papm.simulations.direct import run_direct
+
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: direct run {' '.join('--set ' + s for s in sets)}", flush=True)
+        run_direct(RunConfig.from_overrides([*sets, f"run-dir={run}"]), resume=(run / "state.json").exists())
     if not (run / "evaluation.json").exists():
         cmd = [sys.executable, "-m", "papm.cli", "simulate", "--run-dir", str(run)]
         for s in sets:
@@ -48,8 +59,21 @@ def run_one(name: str, sets: list[str], runs: Path) -> dict:
     }
 
 
+def _device_name(sets: list[str]) -> str:
+    """What trained the run's models: the GPU's name, or the CPU and its core count (wall times depend on it)."""
+    import os
+
+    import torch
+
+    wanted = next((s.split("=", 1)[1] for s in sets if s.startswith("device=")), "auto")
+    if wanted != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {len(os.sched_getaffinity(0))} cores"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = [f"- {r['name']} ({r['date']}): `{r['command']}`" for r in rows]
+    lines = [f"- {r['name']} ({r['date']}, {r.get('device', 'CPU, 2 cores')}, {r.get('engine', 'simulate')}): `{r['command']}`"
+             for r in rows]
     lines += ["", "| run | base | fusion | fusion - base | part params | wall s (prune, fusion, all phases) |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -78,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="runs/bench-cifar")
     ap.add_argument("--name", default="bench_cifar", help="file name of the results in --out")
     ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--engine", choices=["simulate", "direct"], default="simulate",
+                    help="simulate: `papm simulate` (Flower, Ray); direct: the same phases in this process, no Ray "
+                         "(a GPU machine without Flower's simulation extra)")
     args = ap.parse_args(argv)
     from papm.shared.files import atomic_write_text
 
@@ -101,7 +128,8 @@ def main(argv=None) -> int:
                 sets.append(f"dirichlet-alpha={args.dirichlet_alpha}")
             runtime = ("timeout=", "device=", "run-dir=")  # settings that do not change what a run computes
             name = f"{part}-k{k}-n{nodes}" + "".join(f"-{s.replace('=', '')}" for s in args.set if not s.startswith(runtime))
-            row = {**run_one(name, sets, Path(args.runs)), "command": command, "date": time.strftime("%Y-%m-%d")}
+            row = {**run_one(name, sets, Path(args.runs), args.engine), "command": command, "date": time.strftime("%Y-%m-%d"),
+                   "engine": args.engine, "device": _device_name(sets)}
             save(row)
             print(f"  base {100 * row['base_accuracy']:.2f}%  fusion {100 * row['fusion_accuracy']:.2f}%  "
                   f"fusion - base {100 * row['fusion_minus_base']:+.2f} points", flush=True)

@@ -176,6 +176,7 @@ def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int,
     """Multiply-accumulates for one input of the example's shape, and parameters."""
     was_training = model.training
     model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    home = next(model.parameters(), example_input).device
+    macs, params = tp.utils.count_ops_and_params(model, example_input.to(home))
     model.train(was_training)
     return int(macs), int(params)

@@ -128,11 +128,17 @@ def predict_logits(model: nn.Module, data: ImageSet, info: DatasetInfo, device: 
     how a node batches its data (bf16 logits would make federated sums differ from centralised ones).
     """
     device = torch.device(device)
-    model = model.to(device).eval()
+    # The caller's model stays where it was, in the mode it was in: a server that evaluates its CPU copy on a GPU
+    # must not find it on the GPU afterwards (it then meets CPU inputs: parameter counts, exports, checkpoints).
+    home, was_training = next(model.parameters(), torch.empty(0)).device, model.training
+    model.to(device).eval()
     out = []
-    for i in range(0, len(data), batch_size):
-        xb = normalise(data.x[i : i + batch_size].to(device), info)
-        out.append(model(xb).float().cpu())
+    try:
+        for i in range(0, len(data), batch_size):
+            xb = normalise(data.x[i : i + batch_size].to(device), info)
+            out.append(model(xb).float().cpu())
+    finally:
+        model.to(home).train(was_training)
     return torch.cat(out) if out else torch.empty(0, info.num_classes)
 
 

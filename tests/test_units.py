@@ -213,6 +213,21 @@ def test_fit_with_the_same_seed_gives_bitwise_identical_weights(digits):
     assert not all(torch.equal(a[k], other[k]) for k in a)  # and the seed matters
 
 
+def test_evaluating_a_model_leaves_it_in_its_mode_and_place(digits):
+    """The server evaluates its own copies of the models; evaluation must not switch them to eval mode (or move
+    them to the GPU) behind the caller's back: on a GPU server that broke the prune phase's parameter count."""
+    from papm.shared.training import evaluate
+
+    torch.manual_seed(0)
+    model = ResNet18(10, 1, 0.125).train()
+    place = next(model.parameters()).device
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate(model, digits.test, digits.info, "cpu")
+    assert model.training and all(m.training for m in model.modules())
+    assert next(model.parameters()).device == place
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # and BN statistics are untouched
+
+
 def test_weighted_average_stops_a_run_whose_nodes_diverged():
     good = {"w": torch.ones(3), "n": torch.tensor(2)}
     bad = {"w": torch.tensor([1.0, float("nan"), 1.0]), "n": torch.tensor(2)}
