@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
 from ..shared.datasets import normalise, pixel_sums
-from ..shared.fusion import feature_sums, fit_head
+from ..shared.fusion import feature_sums, fit_head, label_shift
 from ..shared.compression import masks_kept, nonzero_masks
 from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
@@ -224,8 +224,13 @@ def fusion(msg: Message, context: Context) -> Message:
     head = received_head(node)
     val = val_counts(node, head)
     rnd = int(msg.content["papm"]["round"])
+    shift = None
+    if node.cfg.fusion_logit_adjust:
+        everyone = config_json(msg.content["papm"], "class-counts")  # all nodes' training images per class
+        shift = label_shift(torch.bincount(labels, minlength=len(everyone)), torch.tensor(list(everyone)))
     result = fit_head(head, feats, labels, epochs=node.cfg.fusion_epochs, lr=node.cfg.fusion_lr,
-                      batch_size=node.cfg.batch_size, seed=node.cfg.seed + 1000 * rnd + node.partition_id)
+                      batch_size=node.cfg.batch_size, seed=node.cfg.seed + 1000 * rnd + node.partition_id,
+                      logit_shift=shift)
     return node.reply({"head": state_record(head.state_dict())}, **{"num-examples": len(labels), "train-loss": result["loss"], **val})
 
 

@@ -88,6 +88,7 @@ class RunConfig:
     fusion_epochs: int = 5  # local epochs per round
     fusion_lr: float = 0.003
     fusion_hidden: int = 128
+    fusion_logit_adjust: bool = True  # each node trains the head on logits shifted by its class mix (label skew)
     # runtime
     run_dir: str = "runs/demo"
     device: str = "auto"

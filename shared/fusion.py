@@ -97,11 +97,13 @@ def fit_head(
     batch_size: int = 128,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    logit_shift: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train the head in place on precomputed (frozen-extractor) features with Adam.
 
     Used for local training on one node (then FedAvg across nodes) and centrally.
     The standardisation buffers are not trained: set them first (``set_normalisation``).
+    ``logit_shift`` (one value per class, ``label_shift``) is added to the logits in the loss only.
     """
     if len(labels) == 0:
         raise PapmError("no features to train the fusion head on")
@@ -113,7 +115,10 @@ def fit_head(
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            loss = nn.functional.cross_entropy(head(features[idx]), labels[idx])
+            logits = head(features[idx])
+            if logit_shift is not None:
+                logits = logits + logit_shift
+            loss = nn.functional.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -123,6 +128,21 @@ def fit_head(
     with torch.no_grad():
         acc = float((head(features).argmax(1) == labels).float().mean())
     return {"loss": loss_sum / max(1, seen), "train_accuracy": acc}
+
+
+def label_shift(local_counts: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
+    """log(local class prior) - log(global class prior): the logit adjustment of a node's loss under label skew.
+
+    A node whose images are mostly of a few classes teaches a head trained on them that the other classes are
+    rare; FedAvg then averages heads that each believe in their own node's class mix. Training on
+    ``logits + shift`` lets the node's prior explain its skew, so the head it returns keeps the prior of all
+    nodes' data together (logit adjustment, as in FedLC, Zhang et al. 2022). With IID nodes the shift is about
+    zero and nothing changes. A class the node has no image of gets a very negative shift: the node neither
+    teaches nor unteaches it.
+    """
+    local = local_counts.double() / local_counts.sum().clamp_min(1)
+    glob = global_counts.double() / global_counts.sum().clamp_min(1)
+    return (local.clamp_min(1e-6).log() - glob.clamp_min(1e-6).log()).float()
 
 
 @torch.no_grad()

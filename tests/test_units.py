@@ -228,6 +228,39 @@ def test_evaluating_a_model_leaves_it_in_its_mode_and_place(digits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # and BN statistics are untouched
 
 
+def test_a_node_with_a_skewed_class_mix_trains_a_head_for_everyones_mix():
+    """Label skew (Dirichlet partitions): a node holding 9 images of class 0 for each of class 1 teaches a plain
+    head that class 1 is rare; with the logit shift of its mix against all nodes' (balanced) mix, the head it
+    returns decides as if it had seen the balanced data."""
+    from papm.shared.fusion import FusionHead, fit_head, label_shift
+
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(n0, n1):  # two overlapping 1-D classes: N(-1, 1) and N(+1, 1)
+        x = torch.cat([torch.randn(n0, 1, generator=gen) - 1, torch.randn(n1, 1, generator=gen) + 1])
+        return x, torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)])
+
+    x, y = draw(1800, 200)
+    test_x, test_y = draw(2000, 2000)
+    shift = label_shift(torch.bincount(y, minlength=2), torch.tensor([5000, 5000]))
+    assert torch.allclose(shift, torch.tensor([0.9, 0.1]).log() - torch.tensor(0.5).log(), atol=1e-5)
+
+    def recall_of_class_1(shifted: bool) -> float:
+        torch.manual_seed(0)
+        head = FusionHead([1], 2, hidden=0)
+        fit_head(head, x, y, epochs=30, lr=0.05, logit_shift=shift if shifted else None)
+        with torch.no_grad():
+            pred = head(test_x).argmax(1)
+        return float((pred[test_y == 1] == 1).float().mean())
+
+    plain, adjusted = recall_of_class_1(False), recall_of_class_1(True)
+    assert plain < 0.6 and adjusted > 0.78, (plain, adjusted)
+
+    # the same mix as everyone's: no shift; a class the node lacks: pushed out of its loss, not taught as rare
+    assert torch.allclose(label_shift(torch.tensor([10, 30]), torch.tensor([100, 300])), torch.zeros(2), atol=1e-6)
+    assert label_shift(torch.tensor([5, 5, 0]), torch.tensor([10, 10, 10]))[2] < -10
+
+
 def test_weighted_average_stops_a_run_whose_nodes_diverged():
     good = {"w": torch.ones(3), "n": torch.tensor(2)}
     bad = {"w": torch.tensor([1.0, float("nan"), 1.0]), "n": torch.tensor(2)}
