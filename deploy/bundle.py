@@ -297,3 +297,14 @@ def warn_if_unsigned(bundle: Bundle) -> None:
 def check_signing_key(path: Path | str) -> None:
     """An unreadable, encrypted or non-Ed25519 signing key is one line at the start of a run, not after it."""
     _load_key(path, private=True)
+
+
+def check_run_signing_key(sign_key: str) -> None:
+    """The run config's ``sign-key``: nothing when empty, else a readable Ed25519 private key or one error line."""
+    if not sign_key:
+        return
+    key = Path(sign_key).expanduser()
+    if not key.is_file():
+        raise PapmError(f"sign-key {sign_key} not found on the server; give the path of an Ed25519 private key "
+                        "(papm deploy init writes one to KIT/signing/) or leave sign-key empty")
+    check_signing_key(key)

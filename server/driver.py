@@ -13,7 +13,6 @@ import json
 import math
 import time
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Callable
 
 from flwr.app import RecordDict
@@ -21,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..client.records import json_config, message_content, record_state, state_record
-from ..deploy.bundle import check_signing_key
+from ..deploy.bundle import check_run_signing_key
 from ..shared.bn import BNSums, set_bn_statistics
 from ..shared.config import PHASES, RunConfig
 from ..shared.datasets import DatasetInfo, ImageSet, mean_std_from_sums
@@ -221,11 +220,7 @@ class RunDriver:
     # ---- the phase loop ----------------------------------------------------------------
     def run(self, runners: dict[str, Callable[["RunDriver"], None]]) -> None:
         """Every phase not yet complete, in order: ``runners[phase](self)``, then mark it complete."""
-        if self.cfg.sign_key and not Path(self.cfg.sign_key).expanduser().is_file():
-            raise PapmError(f"sign-key {self.cfg.sign_key} not found on the server; give the path of an Ed25519 private key "
-                            "(papm deploy init writes one to KIT/signing/) or leave sign-key empty")
-        if self.cfg.sign_key:  # unreadable, encrypted or not Ed25519: say so now, not after the whole run
-            check_signing_key(Path(self.cfg.sign_key).expanduser())
+        check_run_signing_key(self.cfg.sign_key)  # unreadable, encrypted or not Ed25519: now, not after the whole run
         completed = self.rd.start(self.cfg, self.resume)
         if completed:
             log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)

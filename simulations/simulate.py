@@ -146,14 +146,9 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     else:
         run.check_free()
     check_writable(run.path, "run-dir", folder=True)  # one line now, not a traceback once Flower and Ray have started
-    if cfg.sign_key:  # a bad key is one line before Ray starts, not an error in the ServerApp after Flower's banner
-        from ..deploy.bundle import check_signing_key
+    from ..deploy.bundle import check_run_signing_key
 
-        key = Path(cfg.sign_key).expanduser()
-        if not key.is_file():
-            raise PapmError(f"sign-key {cfg.sign_key} not found; give the path of an Ed25519 private key "
-                            "(papm deploy init writes one to KIT/signing/) or leave sign-key empty")
-        check_signing_key(key)
+    check_run_signing_key(cfg.sign_key)  # a bad key is one line before Ray starts, not after Flower's banner
     # Offline: never try to install the app's dependencies; keep Ray quiet and local.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
