@@ -19,12 +19,12 @@ from flwr.clientapp import ClientApp
 from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
 from ..shared.datasets import normalise, pixel_sums
-from ..shared.fusion import feature_sums, fit_head, label_shift
+from ..shared.fusion import feature_sums, fit_head
 from ..shared.compression import masks_kept, nonzero_masks
 from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
-from ..shared.training import TrainSettings, fit, predict_logits, round_lr
+from ..shared.training import TrainSettings, fit, label_shift, momentum_lr_sum, predict_logits, round_lr
 from .drills import drill_mods
 from .node import Node, features, received_head, train_settings, val_counts
 from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record
@@ -153,11 +153,18 @@ def finetune(msg: Message, context: Context) -> Message:
         settings = train_settings(node, cfg.finetune_lr, job["round"], job["steps"], job.get("rounds", cfg.finetune_rounds))
         # a sparse model: the weights that arrive zero stay zero (the server's masks, without sending them)
         keeper = MaskKeeper(model, nonzero_masks(model)) if job.get("keep-zeros") else None
+        shift = None
+        if "class-counts" in job:  # finetune-logit-adjust: the class mix of every node working on this model
+            everyone = torch.tensor([int(c) for c in job["class-counts"]])
+            shift = label_shift(torch.bincount(node.data.train.y, minlength=len(everyone)), everyone)
+        control = f"control-{job['key']}"  # finetune-scaffold: the server's c - c_i for this node and model
+        correction = record_state(msg.content[control]) if control in msg.content else None
         with masks_kept(keeper):
             finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
-                           node.device, teacher=teacher)
+                           node.device, teacher=teacher, logit_shift=shift, grad_correction=correction)
         arrays[job["key"]] = state_record(model.state_dict())
         results[job["key"]] = {"num-examples": len(node.data.train), "steps": settings.steps,
+                               "lr-sum": momentum_lr_sum(settings, settings.steps),
                                "weight": objective_weight(node.data.train.y, info.num_classes, job["classes"], cfg.emphasis)}
     return node.reply_jobs(arrays, results)
 

@@ -64,6 +64,8 @@ class RunConfig:
     finetune_rounds: int = 5
     finetune_epochs: int = 5  # passes over all nodes' data together, in sequential steps, split over the rounds
     finetune_lr: float = 0.02
+    finetune_logit_adjust: bool = True  # each node fine-tunes on logits shifted by its class mix (label skew)
+    finetune_scaffold: bool = False  # SCAFFOLD control variates: each node's steps corrected by (global - its own) mean gradient
     emphasis: float = 4.0
     emphasis_mode: str = "loss"
     kd: bool = False

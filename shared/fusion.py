@@ -130,21 +130,6 @@ def fit_head(
     return {"loss": loss_sum / max(1, seen), "train_accuracy": acc}
 
 
-def label_shift(local_counts: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
-    """log(local class prior) - log(global class prior): the logit adjustment of a node's loss under label skew.
-
-    A node whose images are mostly of a few classes teaches a head trained on them that the other classes are
-    rare; FedAvg then averages heads that each believe in their own node's class mix. Training on
-    ``logits + shift`` lets the node's prior explain its skew, so the head it returns keeps the prior of all
-    nodes' data together (logit adjustment, as in FedLC, Zhang et al. 2022). With IID nodes the shift is about
-    zero and nothing changes. A class the node has no image of gets a very negative shift: the node neither
-    teaches nor unteaches it.
-    """
-    local = local_counts.double() / local_counts.sum().clamp_min(1)
-    glob = global_counts.double() / global_counts.sum().clamp_min(1)
-    return (local.clamp_min(1e-6).log() - glob.clamp_min(1e-6).log()).float()
-
-
 @torch.no_grad()
 def extract_features(extractor: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Pooled features of normalised inputs ``x`` (float, N x C x H x W), in order."""

@@ -73,6 +73,14 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def momentum_lr_sum(settings: TrainSettings, steps: int) -> float:
+    """How far ``steps`` steps of ``fit`` move the weights per unit of a constant gradient: each step's learning
+    rate times Nesterov momentum's build-up from a fresh buffer, 1 + m (1 - m^(t+1)) / (1 - m) at step t.
+    A node's displacement divided by it is its mean local gradient (SCAFFOLD's control variate, option II)."""
+    factor, m = settings.lr_factor(steps), settings.momentum
+    return sum(settings.lr * factor(t) * (1 + m * (1 - m ** (t + 1)) / (1 - m)) for t in range(steps))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,6 +171,21 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ) * (t * t)
 
 
+def label_shift(local_counts: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
+    """log(local class prior) - log(global class prior): the logit adjustment of a node's loss under label skew.
+
+    A node whose images are mostly of a few classes teaches a model trained on them that the other classes are
+    rare; FedAvg then averages models that each believe in their own node's class mix. Training on
+    ``logits + shift`` lets the node's prior explain its skew, so the model it returns keeps the prior of all
+    nodes' data together (logit adjustment, as in FedLC, Zhang et al. 2022). With IID nodes the shift is about
+    zero and nothing changes. A class the node has no image of gets a very negative shift: the node neither
+    teaches nor unteaches it.
+    """
+    local = local_counts.double() / local_counts.sum().clamp_min(1)
+    glob = global_counts.double() / global_counts.sum().clamp_min(1)
+    return (local.clamp_min(1e-6).log() - glob.clamp_min(1e-6).log()).float()
+
+
 def fit(
     model: nn.Module,
     train: ImageSet,
@@ -174,6 +197,8 @@ def fit(
     class_weights: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
+    logit_shift: torch.Tensor | None = None,
+    grad_correction: dict[str, torch.Tensor] | None = None,
     kd_weight: float = 0.5,
     kd_temperature: float = 4.0,
     progress: bool | None = None,
@@ -184,7 +209,9 @@ def fit(
 
     ``class_weights`` weight the cross-entropy per class; ``sample_weights`` instead
     draw each epoch's samples with replacement in proportion to them; ``teacher``
-    adds knowledge distillation (``kd_weight`` of the loss). With ``val`` and
+    adds knowledge distillation (``kd_weight`` of the loss); ``logit_shift`` (one value per
+    class, ``label_shift``) is added to the logits in the cross-entropy only; ``grad_correction`` (parameter
+    name -> tensor, SCAFFOLD's ``c - c_i``) is added to every step's gradient. With ``val`` and
     ``settings.select_on_val`` the best-validation epoch's weights are kept.
     """
     settings.validate()
@@ -202,6 +229,15 @@ def fit(
     x_all, y_all = train.x.to(device), train.y.to(device)
     if class_weights is not None:
         class_weights = class_weights.to(device=device, dtype=torch.float32)
+    if logit_shift is not None:
+        logit_shift = logit_shift.to(device=device, dtype=torch.float32)
+    corrected = []
+    if grad_correction is not None:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(grad_correction) - set(params))
+        if unknown:
+            raise PapmError(f"gradient correction for {unknown[0]!r}, which the model does not have; server and client versions differ?")
+        corrected = [(params[k], c.to(device=device, dtype=params[k].dtype)) for k, c in grad_correction.items()]
     n = len(train)
     steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
     total = settings.steps or settings.epochs * steps_per_epoch
@@ -235,13 +271,17 @@ def fit(
             yb = y_all[idx]
             with _autocast(device):
                 logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, weight=class_weights, label_smoothing=settings.label_smoothing)
+                shifted = logits.float() if logit_shift is None else logits.float() + logit_shift
+                loss = F.cross_entropy(shifted, yb, weight=class_weights, label_smoothing=settings.label_smoothing)
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(xb).float()
                     loss = (1 - kd_weight) * loss + kd_weight * distillation_loss(logits.float(), t_logits, kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for p, c in corrected:
+                if p.grad is not None:
+                    p.grad.add_(c)
             opt.step()
             sched.step()
             step += 1

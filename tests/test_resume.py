@@ -82,6 +82,26 @@ def test_a_run_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_one(t
     assert a["fusion"]["per_class"] == b["fusion"]["per_class"]
 
 
+def test_scaffold_control_variates_survive_a_kill_mid_fine_tuning(tmp_path):
+    """finetune-scaffold: the server's control variates of the rounds done are saved with the models, so a run
+    killed in fine-tuning round 3 resumes with them and ends exactly where an uninterrupted run does."""
+    sets = [*SMALL, "finetune-rounds=3", "finetune-scaffold=true"]
+    whole_run, killed = tmp_path / "whole", tmp_path / "killed"
+    run_direct(RunConfig.from_overrides([*sets, f"run-dir={whole_run}"]))
+    cfg = RunConfig.from_overrides([*sets, f"run-dir={killed}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_direct(cfg, app=killer("train.finetune", 2))
+    run_direct(cfg, resume=True)
+    a = json.loads((whole_run / "evaluation.json").read_text())
+    b = json.loads((killed / "evaluation.json").read_text())
+    assert a["fusion"]["per_class"] == b["fusion"]["per_class"]
+    assert [d["test_accuracy"] for d in a["devices"]] == [d["test_accuracy"] for d in b["devices"]]
+    plain = tmp_path / "plain"  # and the control variates did change the fine-tuning
+    run_direct(RunConfig.from_overrides([*SMALL, "finetune-rounds=3", f"run-dir={plain}"]))
+    c = json.loads((plain / "evaluation.json").read_text())
+    assert [d["test_accuracy"] for d in c["devices"]] != [d["test_accuracy"] for d in a["devices"]]
+
+
 @pytest.mark.slow
 def test_sigkill_in_base_round_3_then_resume(tmp_path):
     """The real thing: `papm simulate` killed with SIGKILL (its whole process group, Ray included) while it

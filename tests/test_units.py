@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -232,7 +233,8 @@ def test_a_node_with_a_skewed_class_mix_trains_a_head_for_everyones_mix():
     """Label skew (Dirichlet partitions): a node holding 9 images of class 0 for each of class 1 teaches a plain
     head that class 1 is rare; with the logit shift of its mix against all nodes' (balanced) mix, the head it
     returns decides as if it had seen the balanced data."""
-    from papm.shared.fusion import FusionHead, fit_head, label_shift
+    from papm.shared.fusion import FusionHead, fit_head
+    from papm.shared.training import label_shift
 
     gen = torch.Generator().manual_seed(0)
 
@@ -259,6 +261,91 @@ def test_a_node_with_a_skewed_class_mix_trains_a_head_for_everyones_mix():
     # the same mix as everyone's: no shift; a class the node lacks: pushed out of its loss, not taught as rare
     assert torch.allclose(label_shift(torch.tensor([10, 30]), torch.tensor([100, 300])), torch.zeros(2), atol=1e-6)
     assert label_shift(torch.tensor([5, 5, 0]), torch.tensor([10, 10, 10]))[2] < -10
+
+
+def test_a_node_with_a_skewed_class_mix_fine_tunes_for_everyones_mix():
+    """finetune-logit-adjust: the same shift in the fine-tuning loss (``fit``) of a specialist. A node with 9
+    images of class 0 for each of class 1 fine-tunes a model that calls most class-1 images class 0; shifted by
+    its mix against all working nodes' (balanced) mix, the model it returns decides as on balanced data."""
+    from papm.shared.datasets import DatasetInfo, ImageSet
+    from papm.shared.training import TrainSettings, fit, label_shift, predict_logits
+
+    gen = torch.Generator().manual_seed(0)
+    info = DatasetInfo("skew", ["dark", "light"], 1, 2, [0.5], [0.25], hflip=False, crop_padding=0)
+
+    def draw(n0, n1):  # 2x2 grey images of two overlapping brightness classes
+        level = torch.cat([torch.full((n0,), 108.0), torch.full((n1,), 148.0)])
+        x = (level[:, None] + 40 * torch.randn(n0 + n1, 4, generator=gen)).clamp(0, 255).round().to(torch.uint8)
+        return ImageSet(x.view(-1, 1, 2, 2), torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)]))
+
+    train, test = draw(1800, 200), draw(2000, 2000)
+    shift = label_shift(torch.bincount(train.y, minlength=2), torch.tensor([4000, 4000]))
+
+    def recall_of_class_1(shifted: bool) -> float:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        fit(model, train, info, TrainSettings(epochs=0, steps=300, batch_size=64, lr=0.05, select_on_val=False),
+            logit_shift=shift if shifted else None, progress=False)
+        pred = predict_logits(model, test, info, "cpu").argmax(1)
+        return float((pred[test.y == 1] == 1).float().mean())
+
+    plain, adjusted = recall_of_class_1(False), recall_of_class_1(True)
+    assert plain < 0.6 and adjusted > 0.75, (plain, adjusted)
+
+
+def test_scaffold_control_variates_bring_fedavg_back_to_the_centralised_model():
+    """finetune-scaffold: two label-skewed nodes whose own optima differ, many local steps per round. Plain FedAvg
+    ends away from the model trained on both nodes' data in one place (client drift); with the server's control
+    variates (``c - c_i`` added to each node's gradients) it ends several times closer."""
+    from papm.server.fedavg import scaffold_controls, scaffold_correction, weighted_average
+    from papm.shared.datasets import DatasetInfo, ImageSet
+    from papm.shared.training import TrainSettings, fit, momentum_lr_sum
+
+    gen = torch.Generator().manual_seed(0)
+    info = DatasetInfo("skew", ["dark", "light"], 1, 2, [0.5], [0.25], hflip=False, crop_padding=0)
+
+    def draw(n0, n1, offset):  # 2x2 grey images of two overlapping brightness classes, shifted per node
+        level = torch.cat([torch.full((n0,), 108.0), torch.full((n1,), 148.0)])
+        x = (level[:, None] + torch.tensor(offset) + 40 * torch.randn(n0 + n1, 4, generator=gen)).clamp(0, 255).round()
+        return ImageSet(x.to(torch.uint8).view(-1, 1, 2, 2),
+                        torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)]))
+
+    nodes = [draw(900, 100, [30.0, -30.0, 0.0, 0.0]), draw(100, 900, [-30.0, 30.0, 0.0, 0.0])]
+    rounds, steps = 10, 40
+
+    def new_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+
+    central = new_model()
+    both = ImageSet(torch.cat([n.x for n in nodes]), torch.cat([n.y for n in nodes]))
+    fit(central, both, info, TrainSettings(epochs=0, steps=2 * rounds * steps, lr=0.05, batch_size=50, warmup=0,
+                                           select_on_val=False), progress=False)
+
+    def federated(scaffold: bool):
+        model, controls = new_model(), {}
+        for r in range(rounds):
+            before = {k: p.detach().clone() for k, p in model.named_parameters()}
+            returned, lr_sums = {}, {}
+            for i, data in enumerate(nodes):
+                local = new_model()
+                local.load_state_dict(model.state_dict())
+                settings = TrainSettings(epochs=0, steps=steps, lr=0.05, batch_size=50, warmup=0, select_on_val=False,
+                                         seed=10 * r + i, schedule_total=steps * rounds, schedule_start=steps * r)
+                fit(local, data, info, settings, grad_correction=scaffold_correction(controls, i) if scaffold else None,
+                    progress=False)
+                returned[i], lr_sums[i] = local.state_dict(), momentum_lr_sum(settings, steps)
+            model.load_state_dict(weighted_average(list(returned.values()), [1.0, 1.0]))
+            if scaffold:
+                controls = scaffold_controls(before, returned, lr_sums, {0: 1.0, 1: 1.0}, controls)
+        return model
+
+    def distance(a, b):
+        return float(sum(((a.state_dict()[k] - b.state_dict()[k]) ** 2).sum() for k in a.state_dict()) ** 0.5)
+
+    fedavg, scaffold = distance(federated(False), central), distance(federated(True), central)
+    assert scaffold < fedavg / 3, (fedavg, scaffold)
+    assert scaffold_correction({}, 0) is None  # before the first round there is nothing to correct
 
 
 def test_weighted_average_stops_a_run_whose_nodes_diverged():

@@ -11,7 +11,10 @@ weighing the group's classes by ``emphasis``) or only the group's own nodes. The
 that many steps' worth per round, so a group's share of the data, or the number of nodes,
 never shrinks the fine-tuning (FedAvg with k nodes of 1/k of the data each would otherwise
 take 1/k of the sequential steps of centralised fine-tuning). FedAvg weighs each node by
-its share of the group's weighted objective. Afterwards each model's BatchNorm statistics are re-estimated
+its share of the group's weighted objective. Under label skew each node's steps pull towards its own
+classes (client drift); ``finetune-logit-adjust`` shifts each node's logits by its class mix and
+``finetune-scaffold`` adds SCAFFOLD's control variates (kept on the server, one per node and group model, saved
+with the models) to its gradients. Afterwards each model's BatchNorm statistics are re-estimated
 exactly from its nodes' data (``bn-recalibrate``). The pruned models are saved right after
 pruning and after every round (``progress/prune.pt``): a killed run resumes at the round it
 was in. Outputs: ``devices/device-k/pruned.pt`` and ``prune.json``.
@@ -49,16 +52,18 @@ if TYPE_CHECKING:
     from ...driver import RunDriver
 
 
-def save_progress(d: RunDriver, rnd: int, done: int, models: dict, args: dict, apoz_nodes: dict) -> None:
-    """The models after ``done`` cuts and fine-tuning round ``rnd`` (0: right after the last cut), and what
-    rebuilds them."""
+def save_progress(d: RunDriver, rnd: int, done: int, models: dict, args: dict, apoz_nodes: dict,
+                  controls: dict | None = None) -> None:
+    """The models after ``done`` cuts and fine-tuning round ``rnd`` (0: right after the last cut), what
+    rebuilds them, and the SCAFFOLD control variates (``finetune-scaffold``)."""
     d.rd.save_progress("prune", {"round": rnd, "cuts": done, "args": json.dumps({str(g): a for g, a in args.items()}),
                                  "apoz_nodes": json.dumps({str(g): n for g, n in apoz_nodes.items()}),
-                                 "models": {str(g): m.state_dict() for g, m in models.items()}})
+                                 "models": {str(g): m.state_dict() for g, m in models.items()},
+                                 "controls": controls or {}})
 
 
-def resume_progress(d: RunDriver) -> tuple[int, int, dict, dict, dict] | None:
-    """(round, cuts done, models, args, apoz_nodes) of a killed run, or None."""
+def resume_progress(d: RunDriver) -> tuple[int, int, dict, dict, dict, dict] | None:
+    """(round, cuts done, models, args, apoz_nodes, control variates) of a killed run, or None."""
     progress = d.rd.load_progress("prune")
     if not progress:
         return None
@@ -69,19 +74,22 @@ def resume_progress(d: RunDriver) -> tuple[int, int, dict, dict, dict] | None:
         models[g].load_state_dict(progress["models"][str(g)])
     apoz_nodes = {int(g): n for g, n in json.loads(progress["apoz_nodes"]).items()}
     done = int(progress.get("cuts", cuts(d.cfg)))  # a file from before iterative schedules held the one cut
-    return int(progress["round"]), done, models, args, apoz_nodes
+    controls = progress.get("controls", {})  # SCAFFOLD's control variates of the rounds done (finetune-scaffold)
+    return int(progress["round"]), done, models, args, apoz_nodes, controls
 
 
 def finetune(d: RunDriver, models: dict, args: dict, base, base_args, info, assignment: dict, apoz_nodes: dict,
-             start: int = 0) -> None:
+             start: int = 0, controls: dict | None = None) -> None:
     """``finetune-rounds`` rounds of FedAvg for every group's model at once (one exchange per round),
     from round ``start``; the models are saved after every round."""
     cfg = d.cfg
     teacher = d.model_payload(base, base_args, "teacher") if cfg.kd else ({}, {})
+    controls = controls or {}
     for rnd in range(start, cfg.finetune_rounds):
-        answered = finetune_round(d, models, args, teacher, info, assignment, rnd, cfg.finetune_rounds, cfg.finetune_epochs)
+        answered = finetune_round(d, models, args, teacher, info, assignment, rnd, cfg.finetune_rounds, cfg.finetune_epochs,
+                                  controls if cfg.finetune_scaffold else None)
         d.rd.log_metrics("finetune", round=rnd + 1, nodes=answered)
-        save_progress(d, rnd + 1, cuts(cfg), models, args, apoz_nodes)
+        save_progress(d, rnd + 1, cuts(cfg), models, args, apoz_nodes, controls)
     if cfg.bn_recalibrate:
         recalibrate(d, models, args, info, assignment)
 
@@ -93,13 +101,13 @@ def run(d: RunDriver) -> None:
     groups = assignment["groups"]
     resumed = resume_progress(d)
     if resumed:  # a killed run: the cuts and the finished fine-tuning rounds are kept
-        start, done, models, args, apoz_nodes = resumed
+        start, done, models, args, apoz_nodes, controls = resumed
         log(INFO, "prune: resuming after cut %d of %d, fine-tuning round %d of %d", done, cuts(cfg), start,
             cfg.finetune_rounds)
         d.rd.rewind_metrics({"prune": done, "prune-recovery": done, "prune-bn": done, "finetune": start})
     else:
         d.rd.rewind_metrics({"prune": None, "prune-recovery": None, "prune-bn": None, "finetune": None})
-        start, done = 0, 0
+        start, done, controls = 0, 0, {}
         models = {g: copy.deepcopy(base).cpu() for g in range(len(groups))}
         args = {g: base_args for g in range(len(groups))}
         apoz_nodes = {g: 0 for g in range(len(groups))}
@@ -122,7 +130,7 @@ def run(d: RunDriver) -> None:
                 d.rd.log_metrics("prune-bn", round=done, device=g, **test_accuracy(d, model, info, groups[g]))
         save_progress(d, 0, done, models, args, apoz_nodes)
     if not cfg.data_free:  # data-free models take no step on data
-        finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start)
+        finetune(d, models, args, base, base_args, info, assignment, apoz_nodes, start, controls)
     weights = {}
     compression = cfg.compression()
     bits = compression["weight_bits"]

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ....client.records import record_state
+from ....client.records import record_state, state_record
 from ....shared.errors import PapmError
 from ....shared.importance import ActivationCounts
 from ....shared.lowbit import gptq_from_sums, gptq_layer_order
 from ....shared.training import evaluate
-from ...fedavg import weighted_average
+from ...fedavg import scaffold_controls, scaffold_correction, weighted_average
 
 if TYPE_CHECKING:
     from ...driver import RunDriver
@@ -71,17 +71,29 @@ def finetune_steps(cfg, total_examples: int, epochs: float | None = None, rounds
 
 
 def finetune_round(d: RunDriver, models: dict, args: dict, teacher: tuple, info, assignment: dict, rnd: int,
-                   rounds: int, epochs: float) -> int:
+                   rounds: int, epochs: float, controls: dict | None = None) -> int:
     """One FedAvg round of fine-tuning for every group's model at once (``rnd`` of ``rounds`` of one learning-rate
-    schedule over ``epochs`` passes); returns how many nodes answered."""
+    schedule over ``epochs`` passes); returns how many nodes answered. ``controls`` (group -> SCAFFOLD control
+    variates, ``finetune-scaffold``): each node's steps are corrected by them, and they are updated in place."""
     cfg, groups = d.cfg, assignment["groups"]
     holders = workers(d, assignment)
     steps = finetune_steps(cfg, sum(v["num_examples"] for v in d.nodes.values()), epochs, rounds)
     keep_zeros = cfg.compression()["sparsity"] != "none"  # sparse models: the nodes keep zero weights zero
     jobs = {job_key(g): {"classes": groups[g], "round": rnd, "rounds": rounds, "steps": steps, "keep-zeros": keep_zeros}
             for g in range(len(groups))}
+    if cfg.finetune_logit_adjust:  # each node shifts its logits by its class mix against that of the model's workers
+        for key, job in jobs.items():
+            job["class-counts"] = [int(c) for c in torch.tensor([d.nodes[n]["class_counts"] for n in holders[key]]).sum(0)]
     models_by_key = {job_key(g): (models[g], args[g]) for g in range(len(groups))}
     requests = d.job_requests(holders, models_by_key, {**teacher[0], "data-info": info.to_dict()}, teacher[1], jobs)
+    pid = {n: d.nodes[n]["partition_id"] for n in requests}  # a node's control variates follow its data, not its id
+    if controls is not None:
+        for g in range(len(groups)):
+            for n in holders[job_key(g)]:
+                correction = scaffold_correction(controls.get(g, {}), pid[n])
+                if correction is not None:
+                    requests[n][f"control-{job_key(g)}"] = state_record(correction)
+    before = {g: {k: p.detach().clone() for k, p in models[g].named_parameters()} for g in models} if controls is not None else {}
     replies = d.send("prune", "train.finetune", requests)
     for g in range(len(groups)):
         key = job_key(g)
@@ -92,7 +104,12 @@ def finetune_round(d: RunDriver, models: dict, args: dict, teacher: tuple, info,
         weights = [r["weight"] for r in results]
         if sum(weights) <= 0:
             weights = [r["num-examples"] for r in results]
-        models[g].load_state_dict(weighted_average([record_state(replies[n][key]) for n in got], weights))
+        returned = {n: record_state(replies[n][key]) for n in got}
+        models[g].load_state_dict(weighted_average(list(returned.values()), weights))
+        if controls is not None:
+            controls[g] = scaffold_controls(before[g], {pid[n]: returned[n] for n in got},
+                                            {pid[n]: float(r.get("lr-sum", 0.0)) for n, r in zip(got, results)},
+                                            {pid[n]: float(w) for n, w in zip(got, weights)}, controls.get(g, {}))
     return len(replies)
 
 

@@ -1,0 +1,85 @@
+"""Is it the extractors or the head? The fusion head of a finished simulated run, trained again on the same frozen
+extractors, once centrally on all nodes' training images and once by FedAvg over the nodes' partitions as the run
+does (with and without the logit shift), each scored on the run's test split.
+
+    python benchmarks/bench_central_head.py runs/bench-cifar/dirichlet-k2-n3 [--threads 2]
+
+A simulation diagnostic: it reads every node's partition in one process (the run's config rebuilds them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from papm.server.run_directory import RunDirectory
+from papm.shared.datasets import normalise
+from papm.shared.fusion import FusionHead, feature_sums, fit_head
+from papm.shared.node_data import load_node_data, server_test_split
+from papm.shared.training import label_shift
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="a finished simulated run directory")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rd = RunDirectory(args.run)
+    cfg = rd.read_config()
+    _, info, _ = rd.load_base()
+    extractors = [rd.load_extractor(g)[0].eval() for g in range(rd.load_assignment()["k"])]
+
+    @torch.no_grad()
+    def features(x):
+        return torch.cat([torch.cat([e.features(normalise(x[i:i + 512], info)) for e in extractors], 1)
+                          for i in range(0, len(x), 512)])
+
+    nodes = [load_node_data(cfg, p, cfg.nodes) for p in range(cfg.nodes)]
+    feats, labels = [features(n.train.x) for n in nodes], [n.train.y for n in nodes]
+    test = server_test_split(cfg).test
+    test_feats = features(test.x)
+    all_feats, all_labels = torch.cat(feats), torch.cat(labels)
+
+    def new_head(hidden: int) -> FusionHead:
+        torch.manual_seed(cfg.seed)
+        head = FusionHead([e.feature_dim for e in extractors], info.num_classes, hidden)
+        head.set_normalisation(*feature_sums(all_feats))
+        return head
+
+    def accuracy(head) -> float:
+        with torch.no_grad():
+            return float((head.eval()(test_feats).argmax(1) == test.y).float().mean())
+
+    rows = {"run": json.loads((rd.path / "evaluation.json").read_text())["fusion"]["accuracy"]}
+    for hidden, epochs in ((cfg.fusion_hidden, cfg.fusion_epochs), (cfg.fusion_hidden, 25), (0, 25)):
+        head = new_head(hidden)
+        fit_head(head, all_feats, all_labels, epochs=epochs, lr=cfg.fusion_lr, batch_size=cfg.batch_size, seed=cfg.seed)
+        rows[f"central, hidden {hidden}, {epochs} epochs"] = accuracy(head)
+    everyone = torch.bincount(all_labels, minlength=info.num_classes)
+    for adjust in (False, True):
+        head, per_round = new_head(cfg.fusion_hidden), []
+        for rnd in range(cfg.fusion_rounds):
+            states = []
+            for p, (f, y) in enumerate(zip(feats, labels)):
+                local = new_head(cfg.fusion_hidden)
+                local.load_state_dict(head.state_dict())
+                shift = label_shift(torch.bincount(y, minlength=info.num_classes), everyone) if adjust else None
+                fit_head(local, f, y, epochs=cfg.fusion_epochs, lr=cfg.fusion_lr, batch_size=cfg.batch_size,
+                         seed=cfg.seed + 1000 * rnd + p, logit_shift=shift)
+                states.append(local.state_dict())
+            weights = [len(y) for y in labels]
+            head.load_state_dict({k: sum(w * s[k].double() for s, w in zip(states, weights)).float() / sum(weights)
+                                  for k in states[0]})
+            per_round.append(accuracy(head))
+        rows[f"FedAvg, logit shift {'on' if adjust else 'off'}, best round by test accuracy (an upper bound)"] = max(per_round)
+    for name, acc in rows.items():
+        print(f"{100 * acc:6.2f}%  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
