@@ -24,9 +24,9 @@ from ..shared.compression import masks_kept, nonzero_masks
 from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
-from ..shared.training import TrainSettings, fit, label_shift, momentum_lr_sum, predict_logits, round_lr
+from ..shared.training import TrainSettings, fit, momentum_lr_sum, predict_logits, round_lr
 from .drills import drill_mods
-from .node import Node, features, received_head, train_settings, val_counts
+from .node import Node, features, received_head, shift_against, train_settings, val_counts
 from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record
 
 app = ClientApp(mods=drill_mods())  # failure drills only when PAPM_INJECT_FAULT is set
@@ -153,10 +153,8 @@ def finetune(msg: Message, context: Context) -> Message:
         settings = train_settings(node, cfg.finetune_lr, job["round"], job["steps"], job.get("rounds", cfg.finetune_rounds))
         # a sparse model: the weights that arrive zero stay zero (the server's masks, without sending them)
         keeper = MaskKeeper(model, nonzero_masks(model)) if job.get("keep-zeros") else None
-        shift = None
-        if "class-counts" in job:  # finetune-logit-adjust: the class mix of every node working on this model
-            everyone = torch.tensor([int(c) for c in job["class-counts"]])
-            shift = label_shift(torch.bincount(node.data.train.y, minlength=len(everyone)), everyone)
+        # finetune-logit-adjust: shifted by this node's class mix against that of every node working on this model
+        shift = shift_against(node.data.train.y, job["class-counts"]) if "class-counts" in job else None
         control = f"control-{job['key']}"  # finetune-scaffold: the server's c - c_i for this node and model
         correction = record_state(msg.content[control]) if control in msg.content else None
         with masks_kept(keeper):
@@ -233,8 +231,7 @@ def fusion(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["papm"]["round"])
     shift = None
     if node.cfg.fusion_logit_adjust:
-        everyone = config_json(msg.content["papm"], "class-counts")  # all nodes' training images per class
-        shift = label_shift(torch.bincount(labels, minlength=len(everyone)), torch.tensor(list(everyone)))
+        shift = shift_against(labels, config_json(msg.content["papm"], "class-counts"))  # against all nodes' mix
     result = fit_head(head, feats, labels, epochs=node.cfg.fusion_epochs, lr=node.cfg.fusion_lr,
                       batch_size=node.cfg.batch_size, seed=node.cfg.seed + 1000 * rnd + node.partition_id,
                       logit_shift=shift)

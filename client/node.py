@@ -13,7 +13,7 @@ from ..shared.datasets import DatasetInfo, normalise
 from ..shared.fusion import build_head
 from ..shared.models import build_model
 from ..shared.node_data import NodeData, load_node_data
-from ..shared.training import TrainSettings, resolve_device
+from ..shared.training import TrainSettings, label_shift, resolve_device
 from .records import config_json, json_config, record_run_config, record_state
 
 _FEATURES: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()  # per-process cache
@@ -115,3 +115,8 @@ def val_counts(node: Node, head) -> dict:
     feats, labels = features(node, "val")
     with torch.no_grad():
         return {"val-correct": int((head.eval()(feats).argmax(1) == labels).sum()), "val-count": len(labels)}
+
+
+def shift_against(labels: torch.Tensor, everyone: list[int]) -> torch.Tensor:
+    """``label_shift`` of this node's class mix (``labels``) against ``everyone``'s per-class image counts."""
+    return label_shift(torch.bincount(labels, minlength=len(everyone)), torch.tensor([int(c) for c in everyone]))

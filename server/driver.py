@@ -15,6 +15,7 @@ import time
 from logging import INFO, WARNING
 from typing import Callable
 
+import torch
 from flwr.app import RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -69,6 +70,10 @@ class RunDriver:
     def by_partition(self, node_ids) -> list[int]:
         """Node ids in partition-id order (node ids, which Flower draws at random, only for nodes not yet known)."""
         return sorted(node_ids, key=lambda n: (self.nodes.get(n, {}).get("partition_id", math.inf), n))
+
+    def class_counts(self, node_ids) -> list[int]:
+        """Training images per class of these nodes together (from hello): the class mix a logit shift is against."""
+        return [int(c) for c in torch.tensor([self.nodes[n]["class_counts"] for n in node_ids]).sum(0)]
 
     def item_failed(self, phase: str, node: int, item: str, why: str) -> None:
         """One job of a node failed (the node stays in the run; another node takes the job)."""

@@ -37,7 +37,7 @@ def run(d: RunDriver) -> None:
     papm, arrays = d.extractors_payload(loaded)
     papm["data-info"] = info.to_dict()
     # every node's class counts (from hello): each node shifts its logits by its own class mix against this
-    papm["class-counts"] = [int(c) for c in torch.tensor([v["class_counts"] for v in d.nodes.values()]).sum(0)]
+    papm["class-counts"] = d.class_counts(d.nodes)
     hargs = head_args([e.feature_dim for e in extractors], info.num_classes, cfg.fusion_hidden)
     head = FusionHead(hargs["feature_dims"], hargs["num_classes"], hargs["hidden"])
     heads: list[dict] = []  # the global head after each round

@@ -83,7 +83,7 @@ def finetune_round(d: RunDriver, models: dict, args: dict, teacher: tuple, info,
             for g in range(len(groups))}
     if cfg.finetune_logit_adjust:  # each node shifts its logits by its class mix against that of the model's workers
         for key, job in jobs.items():
-            job["class-counts"] = [int(c) for c in torch.tensor([d.nodes[n]["class_counts"] for n in holders[key]]).sum(0)]
+            job["class-counts"] = d.class_counts(holders[key])
     models_by_key = {job_key(g): (models[g], args[g]) for g in range(len(groups))}
     requests = d.job_requests(holders, models_by_key, {**teacher[0], "data-info": info.to_dict()}, teacher[1], jobs)
     pid = {n: d.nodes[n]["partition_id"] for n in requests}  # a node's control variates follow its data, not its id
