@@ -1,8 +1,9 @@
 """Is it the extractors or the head? The fusion head of a finished simulated run, trained again on the same frozen
-extractors, once centrally on all nodes' training images and once by FedAvg over the nodes' partitions as the run
-does (with and without the logit shift), each scored on the run's test split.
+extractors, once centrally on all nodes' training images, once by FedAvg over the nodes' partitions as the run
+does (with and without the logit shift), and as the closed-form LDA head (``fusion-head=lda``), each scored on the
+run's test split.
 
-    python benchmarks/bench_central_head.py runs/bench-cifar/dirichlet-k2-n3 [--threads 2]
+    python benchmarks/bench_central_head.py runs/bench-cifar/dirichlet-k2-n3 [--threads 2] [--shrinkage 0 0.1 0.3]
 
 A simulation diagnostic: it reads every node's partition in one process (the run's config rebuilds them).
 """
@@ -17,7 +18,7 @@ import torch
 
 from papm.server.run_directory import RunDirectory
 from papm.shared.datasets import normalise
-from papm.shared.fusion import FusionHead, feature_sums, fit_head
+from papm.shared.fusion import FusionHead, class_feature_sums, feature_sums, fit_head, fit_lda_head
 from papm.shared.node_data import load_node_data, server_test_split
 from papm.shared.training import label_shift
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a finished simulated run directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shrinkage", type=float, nargs="*", default=[], help="more LDA shrinkage values to score")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rd = RunDirectory(args.run)
@@ -59,6 +61,23 @@ def main(argv=None) -> int:
         head = new_head(hidden)
         fit_head(head, all_feats, all_labels, epochs=epochs, lr=cfg.fusion_lr, batch_size=cfg.batch_size, seed=cfg.seed)
         rows[f"central, hidden {hidden}, {epochs} epochs"] = accuracy(head)
+    # the LDA head as the run makes it: each node's per-class sums and Gram matrix, summed
+    sums = [class_feature_sums(f, y, info.num_classes) for f, y in zip(feats, labels)]
+    total = [sum(s[k] for s in sums) for k in ("class-sum", "class-count", "gram")]
+    for shrinkage in args.shrinkage:
+        other = FusionHead([e.feature_dim for e in extractors], info.num_classes, 0)
+        fit_lda_head(other, *total, shrinkage)
+        rows[f"LDA, shrinkage {shrinkage:g}"] = accuracy(other)
+    head = FusionHead([e.feature_dim for e in extractors], info.num_classes, 0)
+    fit_lda_head(head, *total, cfg.fusion_shrinkage)
+    rows[f"LDA from the nodes' summed statistics (shrinkage {cfg.fusion_shrinkage:g}; exact: the same as central)"] = accuracy(head)
+    # what fusion-head=auto keeps: the LDA head if the nodes' validation splits score it above FedAvg's best round
+    with torch.no_grad():
+        lda_val = sum(int((head(features(n.val.x)).argmax(1) == n.val.y).sum()) for n in nodes) / max(1, sum(len(n.val) for n in nodes))
+    selection = [json.loads(line) for line in (rd.path / "metrics.jsonl").read_text().splitlines() if '"fusion-selection"' in line]
+    run_val = max(selection[-1]["val_accuracy"]) if selection else float("nan")
+    print(f"federated validation accuracy: LDA head {100 * lda_val:.2f}%, the run's FedAvg head {100 * run_val:.2f}% "
+          f"-> fusion-head=auto keeps the {'LDA' if lda_val > run_val else 'FedAvg'} head")
     everyone = torch.bincount(all_labels, minlength=info.num_classes)
     for adjust in (False, True):
         head, per_round = new_head(cfg.fusion_hidden), []

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
 from ..shared.datasets import normalise, pixel_sums
-from ..shared.fusion import feature_sums, fit_head
+from ..shared.fusion import class_feature_sums, feature_sums, fit_head
 from ..shared.compression import masks_kept, nonzero_masks
 from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
@@ -214,10 +214,16 @@ def export(msg: Message, context: Context) -> Message:
 
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
+    """Feature sums for the head's standardisation; for an LDA head (``fusion-head`` lda or auto) per-class
+    sums, class counts and the Gram matrix instead (the standardisation follows from them)."""
     node = Node(msg, context)
-    feats, _ = features(node, "train")
-    total, total_sq, count = feature_sums(feats)
-    return node.reply({"sums": tensors_record({"sum": total, "sqsum": total_sq})}, **{"num-examples": count})
+    feats, labels = features(node, "train")
+    if node.cfg.fusion_head != "fedavg":
+        sums = class_feature_sums(feats, labels, node.info().num_classes)
+    else:
+        total, total_sq, _ = feature_sums(feats)
+        sums = {"sum": total, "sqsum": total_sq}
+    return node.reply({"sums": tensors_record(sums)}, **{"num-examples": len(labels)})
 
 
 @app.train("fusion")

@@ -9,6 +9,8 @@ from ..shared.config import RunConfig
 from ..shared.datasets import DatasetInfo
 from ..shared.files import atomic_write_csv, atomic_write_text
 
+_HEADS = {"fedavg": "MLP head by FedAvg", "lda": "LDA head from summed statistics"}  # evaluation.json's fusion head
+
 
 def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
@@ -46,7 +48,7 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
         "| model | params | server test accuracy | federated accuracy (nodes' local splits) |",
         "|---|---:|---:|---:|",
         f"| baseline (unsplit base model) | {base['params']:,} | {_pct(base['accuracy'])} | {_pct(fed['base_accuracy'])} |",
-        f"| fusion (K pruned extractors + head) | {fusion['params']:,} | {_pct(fusion['accuracy'])} | {_pct(fed['fusion_accuracy'])} |",
+        f"| fusion (K pruned extractors + {_HEADS.get(fusion.get('head'), 'head')}) | {fusion['params']:,} | {_pct(fusion['accuracy'])} | {_pct(fed['fusion_accuracy'])} |",
         "",
         "## Devices",
         "",

@@ -62,7 +62,7 @@ class RunConfig:
     apoz_samples: int = 2048
     finetune_nodes: str = "all"  # all: every node fine-tunes every group's model (FedAvg over all data); group: its group's nodes
     finetune_rounds: int = 5
-    finetune_epochs: int = 5  # passes over all nodes' data together, in sequential steps, split over the rounds
+    finetune_epochs: int = 10  # passes over all nodes' data together, in sequential steps, split over the rounds
     finetune_lr: float = 0.02
     finetune_logit_adjust: bool = True  # each node fine-tunes on logits shifted by its class mix (label skew)
     finetune_scaffold: bool = False  # SCAFFOLD control variates: each node's steps corrected by (global - its own) mean gradient
@@ -86,6 +86,9 @@ class RunConfig:
     calib_samples: int = 256  # local training images per INT8 calibration
     sign_key: str = ""  # Ed25519 private key (PEM, on the server) that signs the run's bundle manifest
     # phase 5: fusion head
+    fusion_head: str = "auto"  # fedavg: an MLP trained by FedAvg rounds | lda: linear, in closed form from summed
+    # statistics (exact under label skew) | auto: both, the one the nodes' validation splits score higher
+    fusion_shrinkage: float = 0.01  # lda: the within-class covariance shrunk this far towards its mean variance
     fusion_rounds: int = 5
     fusion_epochs: int = 5  # local epochs per round
     fusion_lr: float = 0.003
@@ -182,6 +185,8 @@ class RunConfig:
         need(0 < self.width <= 16, f"width must be in (0, 16] (1.0: the standard ResNet-18), got {self.width}")
         for name in ("base_rounds", "finetune_rounds", "fusion_rounds", "fusion_epochs", "calib_samples", "apoz_samples"):
             need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.fusion_head in ("fedavg", "lda", "auto"), f"fusion-head must be fedavg, lda or auto, got {self.fusion_head!r}")
+        need(0.0 <= self.fusion_shrinkage <= 1.0, f"fusion-shrinkage must be in [0, 1], got {self.fusion_shrinkage}")
         need(self.fusion_hidden >= 0, f"fusion-hidden must be >= 0 (0 = a linear head), got {self.fusion_hidden}")
         need(self.base_epochs >= 0, f"base-epochs must be >= 0, got {self.base_epochs}")
         for name in ("base_lr", "finetune_lr", "fusion_lr", "dirichlet_alpha"):

@@ -73,6 +73,57 @@ def feature_sums(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, in
     return f.sum(0), (f * f).sum(0), int(f.shape[0])
 
 
+def class_feature_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Per-class feature sums (C x D), class counts (C) and the Gram matrix X^T X (D x D), in float64.
+
+    All three add up across nodes: the LDA head fitted from the nodes' totals (``fit_lda_head``) is the one
+    fitted on all their images in one place, whatever the partition."""
+    f = features.double()
+    sums = torch.zeros(num_classes, f.shape[1], dtype=torch.float64).index_add_(0, labels.long(), f)
+    return {"class-sum": sums, "class-count": torch.bincount(labels.long(), minlength=num_classes).double(), "gram": f.T @ f}
+
+
+@torch.no_grad()
+def fit_lda_head(head: FusionHead, class_sums: torch.Tensor, class_counts: torch.Tensor, gram: torch.Tensor,
+                 shrinkage: float) -> None:
+    """Make ``head`` (a linear one, ``hidden`` 0) linear discriminant analysis of the features, in closed form.
+
+    Sets the standardisation from the same sums, then, on standardised features: class means, the pooled
+    within-class covariance shrunk towards its mean variance (``(1 - s) * cov + s * tr(cov) / D * I``, which
+    keeps it invertible where extractor channels are dead or redundant), ``W = cov^-1 means`` and the bias
+    ``-means W / 2 + log(prior)``, the prior being every node's images together. The sums add up exactly across
+    nodes, so under label skew the head is still that of all the data; a head trained by FedAvg drifts towards
+    each node's classes instead. A class with no training image gets no weights and a bias far below the others.
+    """
+    if len(head.net) != 1:
+        raise PapmError("an LDA head is linear; build it with hidden=0")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise PapmError(f"LDA shrinkage must be in [0, 1], got {shrinkage}")
+    counts = class_counts.double()
+    n = float(counts.sum())
+    total = class_sums.double().sum(0)
+    head.set_normalisation(total, gram.double().diagonal(), int(round(n)))
+    m, s = head.mean.double(), head.std.double()
+    # the sums of standardised features z = (x - m) / s, from the raw ones
+    z_gram = (gram.double() - torch.outer(m, total) - torch.outer(total, m) + n * torch.outer(m, m)) / torch.outer(s, s)
+    z_sums = (class_sums.double() - counts[:, None] * m) / s
+    present = counts > 0
+    means = z_sums[present] / counts[present, None]
+    within = (z_gram - z_sums[present].T @ means) / n
+    within = (within + within.T) / 2
+    dim = within.shape[0]
+    scale = float(within.trace()) / dim
+    cov = (1.0 - shrinkage) * within + shrinkage * (scale if scale > 0 else 1.0) * torch.eye(dim, dtype=torch.float64)
+    coef = torch.linalg.lstsq(cov, means.T, driver="gelsd").solution  # lstsq: a singular cov (no shrinkage) still solves
+    bias_present = -0.5 * (means * coef.T).sum(1) + (counts[present] / n).log()
+    weight = torch.zeros(len(counts), dim, dtype=torch.float64)
+    weight[present] = coef.T
+    bias = torch.full((len(counts),), float(bias_present.min()) - 1e4, dtype=torch.float64)
+    bias[present] = bias_present
+    head.net[0].weight.copy_(weight.float())
+    head.net[0].bias.copy_(bias.float())
+
+
 class SplitModel(nn.Module):
     """Extractors (one per device, frozen) + fusion head: the whole split model in PyTorch."""
 

@@ -120,7 +120,9 @@ def test_run_inputs_come_from_the_checkpoint(tmp_path, base_ckpt):
     assert (tree.image_size, tree.channels) == (32, 3)
     for bad, needle in (("image-size=4", "image-size must be in [8, 512]"), ("image-size=513", "image-size must be in [8, 512]"),
                         ("channels=2", "channels must be 1"), ("base-lr=nan", "finite"), ("timeout=inf", "finite"),
-                        ("finetune-nodes=some", "finetune-nodes must be"), ("bn=batch", "bn must be")):
+                        ("finetune-nodes=some", "finetune-nodes must be"), ("bn=batch", "bn must be"),
+                        ("fusion-head=mlp", "fusion-head must be fedavg, lda or auto"),
+                        ("fusion-shrinkage=1.5", "fusion-shrinkage must be in [0, 1]"), ("fusion-shrinkage=nan", "finite")):
         with pytest.raises(PapmError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             RunConfig.from_overrides([bad])
 
@@ -160,10 +162,10 @@ print(grew // 1024)
     assert int(r.stdout.strip()) < 400, f"class statistics grew the process by {r.stdout.strip()} MiB"
 
 
-@pytest.mark.parametrize("size,channels", [(48, 3), (16, 1)])
-def test_devices_with_their_own_trees_end_to_end(tmp_path, size, channels):
+@pytest.mark.parametrize("size,channels,head", [(48, 3, "fedavg"), (16, 1, "lda")])
+def test_devices_with_their_own_trees_end_to_end(tmp_path, size, channels, head):
     """Three devices, each with its own train/ tree; the coordinator holds the test split; the image
-    shape and classes come from the base checkpoint; the run goes through every phase."""
+    shape and classes come from the base checkpoint; the run goes through every phase, with either head."""
     from papm.simulations.direct import run_direct
 
     root, base = pattern_base(tmp_path, size, channels)
@@ -171,10 +173,11 @@ def test_devices_with_their_own_trees_end_to_end(tmp_path, size, channels):
                                     parts=("train",), seed=10 + i) for i in range(3)]
     cfg = RunConfig.from_overrides([f"base-checkpoint={base}", f"data-root={root}", f"run-dir={tmp_path / 'run'}",
                                     "nodes=3", "devices=2", "finetune-epochs=1", "fusion-rounds=1", "budget=0.5",
-                                    "min-partition-size=4", "device=cpu"])
+                                    "min-partition-size=4", f"fusion-head={head}", "device=cpu"])
     run_direct(cfg, [{"partition-id": i, "num-partitions": 3, "data-root": str(d)} for i, d in enumerate(devices)])
     run = tmp_path / "run"
     assert json.loads((run / "state.json").read_text())["completed"] == list(PHASES)
+    assert json.loads((run / "evaluation.json").read_text())["fusion"]["head"] == head
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["input"]["shape"] == [None, channels, size, size]
     ev = json.loads((run / "evaluation.json").read_text())

@@ -49,12 +49,16 @@ def test_default_demo_end_to_end(tmp_path):
     assert ev["base"]["accuracy"] >= 0.95 and ev["fusion"]["accuracy"] >= 0.94  # the demo: ~98.6% and ~97.5%
     assert ev["federated"]["nodes"] == 3 and ev["federated"]["samples"] > 0
     summary = (run / "summary.md").read_text()
-    assert "baseline (unsplit base model)" in summary and "fusion (K pruned extractors + head)" in summary
+    head = {"fedavg": "MLP head by FedAvg", "lda": "LDA head from summed statistics"}[ev["fusion"]["head"]]
+    assert "baseline (unsplit base model)" in summary and f"fusion (K pruned extractors + {head})" in summary
     assert "| fusion" in r.stdout and "| baseline" in r.stdout  # the results table is printed
     assert "DEPRECATED" not in r.stderr  # Flower's note about run_simulation is not the user's business
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert {r["name"] for r in rows if r["row"] == "accuracy"} == {"baseline", "fusion"}
     assert len(_phase_lines(run, "base")) == 8 and len(_phase_lines(run, "fusion")) == 5
+    # fusion-head=auto (the default): the LDA head from one exchange, against FedAvg's best round on the nodes' validation
+    (lda,), (chosen,) = _phase_lines(run, "fusion-lda"), _phase_lines(run, "fusion-selection")
+    assert chosen["chosen"] == ev["fusion"]["head"] == ("lda" if lda["val_accuracy"] > max(chosen["val_accuracy"]) else "fedavg")
     # the same run dir is refused without --resume, and an earlier run is not touched
     before = (run / "base.pt").stat().st_mtime_ns
     r = run_papm("simulate", "--run-dir", run, cwd=tmp_path)

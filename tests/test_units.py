@@ -263,6 +263,52 @@ def test_a_node_with_a_skewed_class_mix_trains_a_head_for_everyones_mix():
     assert label_shift(torch.tensor([5, 5, 0]), torch.tensor([10, 10, 10]))[2] < -10
 
 
+def test_lda_head_from_skewed_nodes_sums_is_the_lda_of_all_their_data():
+    """fusion-head=lda: three nodes with disjoint-ish class mixes send per-class sums and Gram matrices; the head
+    fitted from their totals equals the one fitted on all the features in one place, and (without shrinkage) its
+    logits are scikit-learn's LDA decision function of the raw features (LDA is invariant to the standardisation)."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from papm.shared.fusion import FusionHead, class_feature_sums, fit_lda_head
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 6, generator=gen) * 2
+    mix = torch.randn(6, 6, generator=gen)
+    labels = torch.randint(0, 4, (900,), generator=gen)
+    feats = (centres[labels] + torch.randn(900, 6, generator=gen) @ mix).relu() + 3  # skewed, non-zero-mean, like pooled ReLU features
+    order = torch.argsort(labels * 1000 + torch.randperm(900, generator=gen))  # label-sorted: each node sees 1-2 classes
+    parts = [class_feature_sums(feats[i], labels[i], 4) for i in order.chunk(3)]
+    assert [int((p["class-count"] > 0).sum()) for p in parts] != [4, 4, 4]
+    total = {k: sum(p[k] for p in parts) for k in parts[0]}
+    whole = class_feature_sums(feats, labels, 4)
+
+    def head_from(sums, shrinkage):
+        head = FusionHead([4, 2], 4, hidden=0)
+        fit_lda_head(head, sums["class-sum"], sums["class-count"], sums["gram"], shrinkage)
+        return head
+
+    test = (centres[labels[:200]] + torch.randn(200, 6, generator=gen) @ mix).relu() + 3
+    for shrinkage in (0.0, 0.1):
+        federated, central = head_from(total, shrinkage), head_from(whole, shrinkage)
+        with torch.no_grad():
+            assert torch.allclose(federated(test), central(test), rtol=1e-4, atol=1e-3)
+    lda = LinearDiscriminantAnalysis(solver="lsqr").fit(feats.double().numpy(), labels.numpy())
+    with torch.no_grad():
+        ours = head_from(total, 0.0)(test).double()
+    assert np.allclose(ours.log_softmax(1).numpy(), lda.predict_log_proba(test.double().numpy()), rtol=1e-3, atol=1e-3)
+    assert float((ours.argmax(1) == labels[:200]).float().mean()) > 0.7  # 4 classes: chance is 0.25
+
+    # a class no node has an image of is never predicted; a non-linear head and a bad shrinkage are refused
+    missing = {k: v.clone() for k, v in whole.items()}
+    missing["class-sum"][3], missing["class-count"][3] = 0, 0
+    with torch.no_grad():
+        assert (head_from(missing, 0.01)(test).argmax(1) != 3).all()
+    with pytest.raises(PapmError, match="LDA head is linear"):
+        fit_lda_head(FusionHead([6], 4, hidden=8), whole["class-sum"], whole["class-count"], whole["gram"], 0.01)
+    with pytest.raises(PapmError, match="shrinkage must be in"):
+        head_from(whole, 1.5)
+
+
 def test_a_node_with_a_skewed_class_mix_fine_tunes_for_everyones_mix():
     """finetune-logit-adjust: the same shift in the fine-tuning loss (``fit``) of a specialist. A node with 9
     images of class 0 for each of class 1 fine-tunes a model that calls most class-1 images class 0; shifted by

@@ -48,7 +48,7 @@ def run(d: RunDriver) -> None:
         "test_samples": len(test),
         "base": {"accuracy": base_eval["accuracy"], "params": count_params(base),
                  "per_class": {info.class_names[c]: a for c, a in base_eval["per_class"].items()}},
-        "fusion": {"accuracy": fusion_eval["accuracy"],
+        "fusion": {"accuracy": fusion_eval["accuracy"], "head": hckpt["meta"].get("fit", "fedavg"),
                    "params": sum(count_params(e) for e in extractors) + count_params(head),
                    "per_class": {info.class_names[c]: a for c, a in fusion_eval["per_class"].items()}},
         "federated": federated,
