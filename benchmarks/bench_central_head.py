@@ -1,9 +1,9 @@
 """Is it the extractors or the head? The fusion head of a finished simulated run, trained again on the same frozen
 extractors, once centrally on all nodes' training images, once by FedAvg over the nodes' partitions as the run
 does (with and without the logit shift), and as the closed-form LDA head (``fusion-head=lda``), each scored on the
-run's test split.
+run's test split, beside the base model and two ways of reading the specialists' own outputs with no head at all.
 
-    python benchmarks/bench_central_head.py runs/bench-cifar/dirichlet-k2-n3 [--threads 2] [--shrinkage 0 0.1 0.3]
+    python benchmarks/bench_central_head.py runs/bench-cifar/dirichlet-k2-n3 [--threads 2] [--per-class] [--shrinkage 0 0.1 0.3]
 
 A simulation diagnostic: it reads every node's partition in one process (the run's config rebuilds them).
 """
@@ -17,6 +17,7 @@ import sys
 import torch
 
 from papm.server.run_directory import RunDirectory
+from papm.shared.checkpoint import load_head
 from papm.shared.datasets import normalise
 from papm.shared.fusion import FusionHead, class_feature_sums, feature_sums, fit_head, fit_lda_head
 from papm.shared.node_data import load_node_data, server_test_split
@@ -27,12 +28,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a finished simulated run directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-class", action="store_true", help="also print each row's per-class test accuracy")
     ap.add_argument("--shrinkage", type=float, nargs="*", default=[], help="more LDA shrinkage values to score")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rd = RunDirectory(args.run)
     cfg = rd.read_config()
-    _, info, _ = rd.load_base()
+    base, info, _ = rd.load_base()
     extractors = [rd.load_extractor(g)[0].eval() for g in range(rd.load_assignment()["k"])]
 
     @torch.no_grad()
@@ -42,6 +44,8 @@ def main(argv=None) -> int:
 
     nodes = [load_node_data(cfg, p, cfg.nodes) for p in range(cfg.nodes)]
     feats, labels = [features(n.train.x) for n in nodes], [n.train.y for n in nodes]
+    for p, n in enumerate(nodes):  # the partition the extractors were fine-tuned on
+        print(f"node {p}: training images per class {torch.bincount(n.train.y, minlength=info.num_classes).tolist()}")
     test = server_test_split(cfg).test
     test_feats = features(test.x)
     all_feats, all_labels = torch.cat(feats), torch.cat(labels)
@@ -52,11 +56,25 @@ def main(argv=None) -> int:
         head.set_normalisation(*feature_sums(all_feats))
         return head
 
-    def accuracy(head) -> float:
+    def accuracy(head) -> torch.Tensor:
+        """The head's test predictions (a row's accuracy and per-class accuracy are read from them)."""
         with torch.no_grad():
-            return float((head.eval()(test_feats).argmax(1) == test.y).float().mean())
+            return head.eval()(test_feats).argmax(1)
 
-    rows = {"run": json.loads((rd.path / "evaluation.json").read_text())["fusion"]["accuracy"]}
+    @torch.no_grad()
+    def logits(model) -> torch.Tensor:
+        return torch.cat([model.eval()(normalise(test.x[i:i + 512], info)) for i in range(0, len(test.x), 512)])
+
+    rows = {"run": accuracy(load_head(rd.path / "fusion" / "head.pt")[0])}
+    # No head at all: each class scored by the specialist whose group holds it (its own classifier), and the
+    # specialists' mean softmax. Where these match the heads below, the extractors, not the head, set the accuracy.
+    groups = rd.load_assignment()["groups"]
+    outputs = [logits(e) for e in extractors]
+    rows["base model"] = logits(base).argmax(1)
+    owner = {c: g for g, members in enumerate(groups) for c in members}
+    rows["no head: each class's logit from the specialist of its group"] = torch.stack(
+        [outputs[owner[c]][:, c] for c in range(info.num_classes)], 1).argmax(1)
+    rows["no head: the specialists' mean softmax"] = sum(o.softmax(1) for o in outputs).argmax(1)
     for hidden, epochs in ((cfg.fusion_hidden, cfg.fusion_epochs), (cfg.fusion_hidden, 25), (0, 25)):
         head = new_head(hidden)
         fit_head(head, all_feats, all_labels, epochs=epochs, lr=cfg.fusion_lr, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -94,9 +112,19 @@ def main(argv=None) -> int:
             head.load_state_dict({k: sum(w * s[k].double() for s, w in zip(states, weights)).float() / sum(weights)
                                   for k in states[0]})
             per_round.append(accuracy(head))
-        rows[f"FedAvg, logit shift {'on' if adjust else 'off'}, best round by test accuracy (an upper bound)"] = max(per_round)
-    for name, acc in rows.items():
-        print(f"{100 * acc:6.2f}%  {name}")
+        rows[f"FedAvg, logit shift {'on' if adjust else 'off'}, best round by test accuracy (an upper bound)"] = max(
+            per_round, key=lambda p: int((p == test.y).sum()))
+    names = info.class_names or [str(c) for c in range(info.num_classes)]
+    if args.per_class:
+        print("per-class test accuracy %: " + ", ".join(f"{c}={n}" for c, n in enumerate(names)))
+    for name, pred in rows.items():
+        correct = pred == test.y
+        line = f"{100 * float(correct.float().mean()):6.2f}%  {name}"
+        if args.per_class:
+            per_class = [100 * float(correct[test.y == c].float().mean()) if int((test.y == c).sum()) else float("nan")
+                         for c in range(info.num_classes)]
+            line += "\n         " + " ".join(f"{a:5.1f}" for a in per_class)
+        print(line)
     return 0
 
 
