@@ -35,6 +35,26 @@ def compression_text(cfg: RunConfig) -> str:
     return what + (f"; baseline {cfg.baseline}: one model for all classes" if cfg.baseline != "none" else "")
 
 
+def finetune_table(devices: list[dict]) -> list[str]:
+    """Each device's test accuracy on its classes through fine-tuning: after the cut (BatchNorm re-estimated),
+    after every FedAvg round, and as it ships (after BatchNorm re-estimation and any weight rounding)."""
+    rounds = sorted({r["round"] for d in devices for r in d.get("test_accuracy_per_round", [])})
+    if not rounds:
+        return []
+    lines = ["", "## Fine-tuning (each device's test accuracy on its classes)", "",
+             "| after | " + " | ".join(f"device {d['device']}" for d in devices) + " |",
+             "|---|" + "---:|" * len(devices)]
+    bn = all(d.get("test_accuracy_after_bn_recalibrate") for d in devices)
+    cut = [(d.get("test_accuracy_after_bn_recalibrate" if bn else "test_accuracy_after_cut") or {}).get("group")
+           for d in devices]
+    lines.append(f"| the cut{' (BatchNorm re-estimated)' if bn else ''} | " + " | ".join(_pct(a) for a in cut) + " |")
+    for r in rounds:
+        acc = [next((x["group"] for x in d.get("test_accuracy_per_round", []) if x["round"] == r), None) for d in devices]
+        lines.append(f"| round {r} | " + " | ".join(_pct(a) for a in acc) + " |")
+    lines.append("| the end (as shipped) | " + " | ".join(_pct(d["test_accuracy"]["group"]) for d in devices) + " |")
+    return lines
+
+
 def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
     base, fusion, fed = ev["base"], ev["fusion"], ev["federated"]
     lines = [
@@ -67,6 +87,7 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
         for precision in ("fp32", "int8"):
             if precision in acc:
                 lines.append(f"| {precision} | {_pct(acc[precision]['split'])} | {_pct(acc[precision]['base'])} |")
+    lines += finetune_table(ev["devices"])
     lines += ["", "## Per-class test accuracy", "", "| class | baseline | fusion | device (its group holds the class) |",
               "|---|---:|---:|---:|"]
     holder = {name: d["device"] for d in ev["devices"] for name in d["class_names"]}

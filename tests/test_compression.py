@@ -242,6 +242,12 @@ def test_federated_cut_reports_accuracy_before_and_after_batchnorm_reestimation_
         runs[recalibrate] = tmp_path / f"bn-{recalibrate}"
         run_direct(RunConfig.from_overrides([*FED, f"bn-recalibrate={str(recalibrate).lower()}", f"run-dir={runs[recalibrate]}"]))
     assert [m["device"] for m in _metrics(runs[True], "prune-bn")] == [0, 1] and not _metrics(runs[False], "prune-bn")
+    assert [(m["round"], m["device"]) for m in _metrics(runs[True], "finetune-test")] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    summary = (runs[True] / "summary.md").read_text()  # the same numbers, as a table a user reads after the run
+    table = summary.split("## Fine-tuning")[1].split("##")[0]
+    on0 = json.loads((runs[True] / "devices" / "device-0" / "prune.json").read_text())
+    assert f"| round 2 | {100 * on0['test_accuracy_per_round'][1]['group']:.2f}% |" in table
+    assert "| the cut (BatchNorm re-estimated) |" in table and "| the end (as shipped) |" in table
     for g in range(2):
         on, off = (json.loads((runs[r] / "devices" / f"device-{g}" / "prune.json").read_text()) for r in (True, False))
         assert on["bn_recalibrate"] is True and off["bn_recalibrate"] is False and on["level"] == 0
@@ -251,6 +257,11 @@ def test_federated_cut_reports_accuracy_before_and_after_batchnorm_reestimation_
         assert off["test_accuracy_after_bn_recalibrate"] is None
         row = list(csv.DictReader(open(runs[True] / "devices" / f"device-{g}" / "prune_steps.csv")))[-1]
         assert float(row["after_bn_group"]) == on["test_accuracy_after_bn_recalibrate"]["group"]
+        # the server's test accuracy after every fine-tuning round; with nothing after the last round (no BatchNorm
+        # re-estimation, no weight rounding) the last one is the shipped model's
+        assert [r["round"] for r in on["test_accuracy_per_round"]] == [1, 2] == [r["round"] for r in off["test_accuracy_per_round"]]
+        assert off["test_accuracy_per_round"][-1]["group"] == off["test_accuracy"]["group"]
+        assert off["test_accuracy_per_round"][-1]["all"] == off["test_accuracy"]["all"]
         # fine-tuning trains in train mode (batch statistics): the learned weights are the same with or without
         # the re-estimation; only the running statistics differ
         a, b = (load_checkpoint(runs[r] / "devices" / f"device-{g}" / "pruned.pt")[0].state_dict() for r in (True, False))

@@ -17,7 +17,9 @@ classes (client drift); ``finetune-logit-adjust`` shifts each node's logits by i
 with the models) to its gradients. Afterwards each model's BatchNorm statistics are re-estimated
 exactly from its nodes' data (``bn-recalibrate``). The pruned models are saved right after
 pruning and after every round (``progress/prune.pt``): a killed run resumes at the round it
-was in. Outputs: ``devices/device-k/pruned.pt`` and ``prune.json``.
+was in. After every round the server tests each model on its test split (``finetune-test`` in
+metrics.jsonl, the log, prune.json's ``test_accuracy_per_round`` and summary.md's fine-tuning table).
+Outputs: ``devices/device-k/pruned.pt`` and ``prune.json``.
 
 The compression options (``compression_options.py``) change the cut, not the rounds:
 ``schedule=iterative`` makes ``steps`` cuts, each group's APoZ re-measured on the nodes on its
@@ -85,10 +87,18 @@ def finetune(d: RunDriver, models: dict, args: dict, base, base_args, info, assi
     cfg = d.cfg
     teacher = d.model_payload(base, base_args, "teacher") if cfg.kd else ({}, {})
     controls = controls or {}
+    groups = assignment["groups"]
     for rnd in range(start, cfg.finetune_rounds):
         answered = finetune_round(d, models, args, teacher, info, assignment, rnd, cfg.finetune_rounds, cfg.finetune_epochs,
                                   controls if cfg.finetune_scaffold else None)
         d.rd.log_metrics("finetune", round=rnd + 1, nodes=answered)
+        # the server's test split after every average (Flower's centralised evaluation): a long run shows how
+        # far each specialist has come, and a finished one how it got there (prune.json, summary.md)
+        tested = {g: test_accuracy(d, model, info, groups[g]) for g, model in models.items()}
+        for g, acc in tested.items():
+            d.rd.log_metrics("finetune-test", round=rnd + 1, device=g, **acc)
+        log(INFO, "prune: fine-tuning round %d of %d: each device's test accuracy on its classes %s", rnd + 1,
+            cfg.finetune_rounds, " ".join(f"{100 * acc['test_group']:.2f}%" for acc in tested.values()))
         save_progress(d, rnd + 1, cuts(cfg), models, args, apoz_nodes, controls)
     if cfg.bn_recalibrate:
         recalibrate(d, models, args, info, assignment)
@@ -104,9 +114,11 @@ def run(d: RunDriver) -> None:
         start, done, models, args, apoz_nodes, controls = resumed
         log(INFO, "prune: resuming after cut %d of %d, fine-tuning round %d of %d", done, cuts(cfg), start,
             cfg.finetune_rounds)
-        d.rd.rewind_metrics({"prune": done, "prune-recovery": done, "prune-bn": done, "finetune": start})
+        d.rd.rewind_metrics({"prune": done, "prune-recovery": done, "prune-bn": done, "finetune": start,
+                            "finetune-test": start})
     else:
-        d.rd.rewind_metrics({"prune": None, "prune-recovery": None, "prune-bn": None, "finetune": None})
+        d.rd.rewind_metrics({"prune": None, "prune-recovery": None, "prune-bn": None, "finetune": None,
+                            "finetune-test": None})
         start, done, controls = 0, 0, {}
         models = {g: copy.deepcopy(base).cpu() for g in range(len(groups))}
         args = {g: base_args for g in range(len(groups))}

@@ -42,6 +42,12 @@ def last_cut_accuracy(metrics: list[dict], label: str, g: int) -> dict | None:
     return None if m is None else {"all": m.get("test_all"), "group": m.get("test_group")}
 
 
+def round_accuracy(metrics: list[dict], g: int) -> list[dict]:
+    """Device ``g``'s test accuracy after each fine-tuning round (before the final BatchNorm re-estimation)."""
+    return [{"round": m["round"], "all": m.get("test_all"), "group": m.get("test_group")}
+            for m in metrics if m["phase"] == "finetune-test" and m.get("device") == g]
+
+
 def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: list, apoz_nodes: dict,
                   weights: dict) -> None:
     cfg = d.cfg
@@ -73,5 +79,6 @@ def write_outputs(d: RunDriver, models: dict, args: dict, base, info, groups: li
             # the last cut's accuracy before any fine-tuning: as cut, and with BatchNorm re-estimated (bn-recalibrate)
             "test_accuracy_after_cut": last_cut_accuracy(metrics, "prune", g),
             "test_accuracy_after_bn_recalibrate": last_cut_accuracy(metrics, "prune-bn", g),
+            "test_accuracy_per_round": round_accuracy(metrics, g),
             "apoz_nodes": apoz_nodes[g],
         })
