@@ -111,11 +111,16 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_cifar.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     record = out / f"{args.name}.json"
-    earlier = json.loads(record.read_text()) if record.exists() else {"runs": []}
-    rows = [{"command": earlier.get("command", ""), "date": earlier.get("date", ""), **r} for r in earlier["runs"]]
+
+    def recorded() -> list[dict]:
+        earlier = json.loads(record.read_text()) if record.exists() else {"runs": []}
+        return [{"command": earlier.get("command", ""), "date": earlier.get("date", ""), **r} for r in earlier["runs"]]
+
+    rows = recorded()
 
     def save(row: dict) -> None:  # after every run: a grid stopped midway keeps what it finished
-        rows[:] = [r for r in rows if r["name"] != row["name"]] + [row]
+        # read again: a grid started beside this one (one per core) may have recorded its runs since
+        rows[:] = [r for r in recorded() if r["name"] != row["name"]] + [row]
         atomic_write_text(record, json.dumps({"runs": rows}, indent=2) + "\n")
         atomic_write_text(out / f"{args.name}.md", markdown(rows))
 
