@@ -24,6 +24,7 @@ from typing import Any
 from ..shared.config import RunConfig
 from ..shared.errors import PapmError
 from ..shared.files import atomic_write_bytes, atomic_write_text
+from ..shared.plots import figure_png, pyplot
 
 IGNORED_KEYS = ("run-dir", "device", "timeout", "stop-after", "sign-key", "base-checkpoint")
 REPORT_FILES = ("summary_all.csv", "summary_all.md")
@@ -178,11 +179,7 @@ def markdown(rows: list[dict], varying: list[str], failed: list[dict], root: Pat
 
 
 def _plot(rows: list[dict], varying: list[str], x: str, title: str, xlabel: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     # one line per combination of every other varying key (never pooling, say, random and similarity grouping)
     others = [k for k in varying if k not in ("seed", x)]
@@ -204,11 +201,7 @@ def _plot(rows: list[dict], varying: list[str], x: str, title: str, xlabel: str)
     ax.set_ylabel("test accuracy %")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_report(root: Path | str, out: Path | str | None = None, measure_latency: bool = True) -> dict[str, Path]:
@@ -254,11 +247,7 @@ def config_labels(rows: list[dict], varying: list[str]) -> dict[tuple, str]:
 
 
 def _latency_plot(rows: list[dict], varying: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = config_labels(rows, varying)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for combo, runs in configurations(rows, varying).items():
@@ -269,20 +258,12 @@ def _latency_plot(rows: list[dict], varying: list[str]) -> bytes:
     ax.set_ylabel("fusion test accuracy %")
     ax.set_title("accuracy vs split latency (mean +- std over seeds)", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _delta_plot(rows: list[dict], varying: list[str]) -> bytes:
     """Fusion minus base per configuration, mean +- std over seeds: the suite's headline at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = config_labels(rows, varying)
     groups = configurations(rows, varying)
     stats = [(labels[c], *(100 * v for v in _mean_std([r["fusion_minus_base"] for r in runs])), len(runs))
@@ -295,8 +276,4 @@ def _delta_plot(rows: list[dict], varying: list[str]) -> bytes:
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_xlabel("fusion - unsplit base, accuracy points (mean +- std over seeds)")
     ax.set_title("what each configuration costs against the unsplit base", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -30,7 +30,8 @@ MARKER = ".papm-run"  # written when a run starts: only such a folder is ever cl
 MARKER_FORMAT, MARKER_VERSION = "papm-run-directory", 1
 # everything a run writes at the top of its folder (--force removes these and nothing else)
 RUN_OUTPUTS = ("progress", "config.json", "state.json", "metrics.jsonl", "base.pt", "base.onnx", "base.int8.onnx",
-               "class_stats.pt", "groups", "devices", "fusion", "bundle", "evaluation.json", "summary.md", "summary.csv")
+               "class_stats.pt", "groups", "devices", "fusion", "bundle", "evaluation.json", "summary.md", "summary.csv",
+               "curves.png")
 
 
 class RunDirectory:

@@ -1,4 +1,4 @@
-"""summary.md and summary.csv: what a user reads after a run."""
+"""summary.md, summary.csv and curves.png: what a user reads after a run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..shared.config import RunConfig
 from ..shared.datasets import DatasetInfo
-from ..shared.files import atomic_write_csv, atomic_write_text
+from ..shared.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from .curves import curves_png
 
 _HEADS = {"fedavg": "MLP head by FedAvg", "lda": "LDA head from summed statistics"}  # evaluation.json's fusion head
 
@@ -55,7 +56,7 @@ def finetune_table(devices: list[dict]) -> list[str]:
     return lines
 
 
-def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
+def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool = False) -> str:
     base, fusion, fed = ev["base"], ev["fusion"], ev["federated"]
     lines = [
         f"# PAPM-FL run: {Path(cfg.run_dir).name}",
@@ -69,6 +70,7 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict) -> str:
         "|---|---:|---:|---:|",
         f"| baseline (unsplit base model) | {base['params']:,} | {_pct(base['accuracy'])} | {_pct(fed['base_accuracy'])} |",
         f"| fusion (K pruned extractors + {_HEADS.get(fusion.get('head'), 'head')}) | {fusion['params']:,} | {_pct(fusion['accuracy'])} | {_pct(fed['fusion_accuracy'])} |",
+        *(["", "![the server's test accuracy round by round](curves.png)"] if curves else []),
         "",
         "## Devices",
         "",
@@ -129,6 +131,9 @@ def summary_rows(info: DatasetInfo, ev: dict) -> list[dict]:
     return rows
 
 
-def write_summary(run_dir: Path, cfg: RunConfig, info: DatasetInfo, ev: dict) -> None:
-    atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, info, ev))
+def write_summary(run_dir: Path, cfg: RunConfig, info: DatasetInfo, ev: dict, metrics: list[dict]) -> None:
+    png = curves_png(metrics, ev["base"]["accuracy"])
+    if png:
+        atomic_write_bytes(run_dir / "curves.png", png)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, info, ev, curves=png is not None))
     atomic_write_csv(run_dir / "summary.csv", summary_rows(info, ev))

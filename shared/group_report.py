@@ -16,6 +16,7 @@ import numpy as np
 from .errors import PapmError
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .grouping import GroupingAnalysis
+from .plots import figure_png, pyplot
 
 REPORT_FILES = ("groups.csv", "groups.json", "similarity.png", "report.html")
 
@@ -45,10 +46,7 @@ def leaf_order(similarity: np.ndarray) -> tuple[list[int], np.ndarray]:
 
 def similarity_png(analysis: GroupingAnalysis, chosen_k: int | None = None) -> bytes:
     """Heatmap ordered by the clustering, with the dendrogram above it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from scipy.cluster.hierarchy import dendrogram
 
     order, link = leaf_order(analysis.similarity)
@@ -103,10 +101,7 @@ def similarity_png(analysis: GroupingAnalysis, chosen_k: int | None = None) -> b
         ax.set_xlabel(f"class names coloured by their group at K={chosen_k}", fontsize=8)
     bar = fig.colorbar(im, cax=fig.add_subplot(gs[1, 1]))
     bar.set_label("similarity (diagonal = 1, not coloured)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, tight_layout=False, bbox_inches="tight")
 
 
 def rows_per_k(analysis: GroupingAnalysis) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The run directory keeps its promises: --force deletes only a run's own files in a folder marked as a
 run, writes are durable (fsync) with the right permissions, a finished run resumes without Flower."""
 
+import io
 import json
 import os
 import stat
@@ -187,3 +188,20 @@ def test_new_key_is_kept_only_when_the_export_succeeds(finished_run, tmp_path):
     r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", keys)  # the retry is not stuck
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in keys.iterdir()) == ["papm-signing-key.pem", "papm-signing-key.pub.pem"]
+
+
+def test_curves_png_draws_the_rounds_each_stage_logged(finished_run):
+    """curves.png (base training, each device's fine-tuning, the fusion head), linked from summary.md; a run that
+    logged no test accuracy per round gets none."""
+    import matplotlib.image
+
+    from papm.server.curves import curves_png
+
+    png = finished_run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![the server's test accuracy round by round](curves.png)" in (finished_run / "summary.md").read_text()
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    width = matplotlib.image.imread(png).shape[1]  # one panel per stage: base, fine-tuning, fusion
+    only_fusion = curves_png([m for m in metrics if m["phase"].startswith("fusion")])
+    assert matplotlib.image.imread(io.BytesIO(only_fusion)).shape[1] * 3 == pytest.approx(width, rel=0.02)
+    assert curves_png([m for m in metrics if m["phase"] in ("statistics", "assignment", "prune")]) is None

@@ -32,4 +32,4 @@ def run(d: RunDriver) -> None:
     evaluation["bundle"] = {"path": "bundle", "accuracy": bundle["accuracy"],
                             "max_abs_diff": max(r["max_abs_diff"] for r in bundle["parity"])}
     atomic_write_json(d.rd.path / "evaluation.json", evaluation)
-    write_summary(d.rd.path, d.cfg, info, evaluation)
+    write_summary(d.rd.path, d.cfg, info, evaluation, d.rd.metrics())

@@ -57,6 +57,6 @@ def run(d: RunDriver) -> None:
         "stops": state.get("stops", []),
     }
     atomic_write_json(d.rd.path / "evaluation.json", evaluation)
-    write_summary(d.rd.path, d.cfg, info, evaluation)
+    write_summary(d.rd.path, d.cfg, info, evaluation, d.rd.metrics())
     d.rd.log_metrics("evaluation", base_accuracy=base_eval["accuracy"], fusion_accuracy=fusion_eval["accuracy"],
                      federated_base_accuracy=federated["base_accuracy"], federated_fusion_accuracy=federated["fusion_accuracy"])
