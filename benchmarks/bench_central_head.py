@@ -6,6 +6,8 @@ run's test split, beside the base model and two ways of reading the specialists'
     python benchmarks/bench_central_head.py runs/bench-cifar/dirichlet-k2-n3 [--threads 2] [--per-class] [--shrinkage 0 0.1 0.3]
 
 A simulation diagnostic: it reads every node's partition in one process (the run's config rebuilds them).
+Each row also splits its test errors into those between classes of one group (the group's specialist sees both
+classes) and those between groups (only the head can tell those apart).
 """
 
 from __future__ import annotations
@@ -117,9 +119,15 @@ def main(argv=None) -> int:
     names = info.class_names or [str(c) for c in range(info.num_classes)]
     if args.per_class:
         print("per-class test accuracy %: " + ", ".join(f"{c}={n}" for c, n in enumerate(names)))
+    # where each row's errors go: between classes of one group (its specialist sees both) or between groups
+    group_of = torch.tensor([owner[c] for c in range(info.num_classes)])
+    print("accuracy  errors (in one group / between groups)  row")
     for name, pred in rows.items():
         correct = pred == test.y
-        line = f"{100 * float(correct.float().mean()):6.2f}%  {name}"
+        wrong = ~correct
+        within = int((wrong & (group_of[pred] == group_of[test.y])).sum())
+        line = (f"{100 * float(correct.float().mean()):6.2f}%  {int(wrong.sum()):5d} ({within:5d} / {int(wrong.sum()) - within:5d})"
+                f"  {name}")
         if args.per_class:
             per_class = [100 * float(correct[test.y == c].float().mean()) if int((test.y == c).sum()) else float("nan")
                          for c in range(info.num_classes)]

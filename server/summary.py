@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ..shared.config import RunConfig
 from ..shared.datasets import DatasetInfo
 from ..shared.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from ..shared.grouping import confusion_within
 from .curves import curves_png
 
 _HEADS = {"fedavg": "MLP head by FedAvg", "lda": "LDA head from summed statistics"}  # evaluation.json's fusion head
@@ -96,6 +99,7 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool =
     for name in info.class_names:
         lines.append(f"| {name} | {_pct(base['per_class'].get(name))} | {_pct(fusion['per_class'].get(name))} | "
                      f"{holder.get(name, '-')} |")
+    lines += errors_table(info, ev)
     lines += ["", "## What happened", ""]
     for f in ev["failures"]:
         if f.get("left_run", True):
@@ -110,6 +114,36 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool =
     if not ev["failures"] and not ev.get("stops"):
         lines.append("- every node answered in every phase")
     return "\n".join(lines) + "\n"
+
+
+def errors_table(info: DatasetInfo, ev: dict, top: int = 5) -> list[str]:
+    """Where the test errors go: between classes of one device's group (its specialist sees both) or between
+    groups (only the fusion head can tell them apart), for the base and the split model, and the mistakes
+    that grew most. Empty for runs evaluated before evaluation.json kept the confusion counts."""
+    if "confusion" not in ev["base"] or "confusion" not in ev["fusion"]:
+        return []
+    index = {name: i for i, name in enumerate(info.class_names)}
+    groups = [[index[n] for n in d["class_names"] if n in index] for d in ev["devices"]]
+    group_of = {c: g for g, classes in enumerate(groups) for c in classes}
+    lines = ["", "## Where the errors go (server test split)", "",
+             "| model | errors | between classes of one group | between groups |", "|---|---:|---:|---:|"]
+    conf = {}
+    for label, key in (("baseline", "base"), ("fusion", "fusion")):
+        conf[key] = np.asarray(ev[key]["confusion"], dtype=np.int64)
+        errors = int(conf[key].sum() - np.trace(conf[key]))
+        within = round(errors * confusion_within(conf[key], groups)) if errors else 0
+        lines.append(f"| {label} | {errors:,} | {within:,} | {errors - within:,} |")
+    grown = conf["fusion"] - conf["base"]
+    np.fill_diagonal(grown, 0)
+    pairs = [(int(grown[t, p]), t, p) for t, p in zip(*np.nonzero(grown > 0))]
+    pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
+    if pairs:
+        lines += ["", "Mistakes that grew most (true class taken for another; baseline -> fusion):", ""]
+        for n, t, p in pairs[:top]:
+            where = "one group" if t in group_of and group_of.get(t) == group_of.get(p) else "between groups"
+            lines.append(f"- {info.class_names[t]} taken for {info.class_names[p]}: {conf['base'][t, p]} -> "
+                         f"{conf['fusion'][t, p]} (+{n}, {where})")
+    return lines
 
 
 def summary_rows(info: DatasetInfo, ev: dict) -> list[dict]:

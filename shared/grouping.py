@@ -165,7 +165,7 @@ def mean_within_similarity(similarity: np.ndarray, groups: Sequence[Sequence[int
 
 
 def confusion_within(confusion: np.ndarray, groups: Sequence[Sequence[int]]) -> float:
-    """Share of the base model's confusions (off-diagonal counts) between classes of one group."""
+    """Share of a model's confusions (off-diagonal counts) that lie between classes of one group."""
     conf = np.asarray(confusion, dtype=np.float64).copy()
     np.fill_diagonal(conf, 0.0)
     total = conf.sum()

@@ -152,15 +152,19 @@ def predict_logits(model: nn.Module, data: ImageSet, info: DatasetInfo, device: 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, info: DatasetInfo, device: torch.device | str = "cpu", classes=None) -> dict:
-    """Accuracy on all of ``data`` (or on the samples whose label is in ``classes``) and per class."""
+    """Accuracy on all of ``data`` (or on the samples whose label is in ``classes``), per class, and the
+    confusion counts (``confusion[true][predicted]``, num_classes x num_classes)."""
     if classes is not None:
         data = data.of_classes(classes)
+    c = info.num_classes
     if len(data) == 0:
-        return {"accuracy": float("nan"), "n": 0, "per_class": {}}
+        return {"accuracy": float("nan"), "n": 0, "per_class": {}, "confusion": [[0] * c for _ in range(c)]}
     pred = predict_logits(model, data, info, device).argmax(1)
     correct = pred == data.y
-    per_class = {int(c): float(correct[data.y == c].float().mean()) for c in torch.unique(data.y)}
-    return {"accuracy": float(correct.float().mean()), "n": len(data), "per_class": per_class}
+    per_class = {int(k): float(correct[data.y == k].float().mean()) for k in torch.unique(data.y)}
+    confusion = torch.bincount(data.y.long() * c + pred, minlength=c * c).reshape(c, c)
+    return {"accuracy": float(correct.float().mean()), "n": len(data), "per_class": per_class,
+            "confusion": confusion.tolist()}
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -205,3 +205,36 @@ def test_curves_png_draws_the_rounds_each_stage_logged(finished_run):
     only_fusion = curves_png([m for m in metrics if m["phase"].startswith("fusion")])
     assert matplotlib.image.imread(io.BytesIO(only_fusion)).shape[1] * 3 == pytest.approx(width, rel=0.02)
     assert curves_png([m for m in metrics if m["phase"] in ("statistics", "assignment", "prune")]) is None
+
+
+def test_evaluation_keeps_confusion_counts_and_summary_says_where_errors_go(finished_run):
+    """evaluation.json's confusion counts agree with the accuracies beside them (rows: true class, columns: predicted),
+    and summary.md splits the errors into those inside one device's group and those between groups."""
+    ev = json.loads((finished_run / "evaluation.json").read_text())
+    summary = (finished_run / "summary.md").read_text()
+    for key in ("base", "fusion"):
+        conf = np.asarray(ev[key]["confusion"])
+        assert conf.shape == (10, 10) and conf.sum() == ev["test_samples"]
+        assert np.trace(conf) / conf.sum() == pytest.approx(ev[key]["accuracy"])
+        for c, name in enumerate(str(i) for i in range(10)):
+            assert conf[c, c] / conf[c].sum() == pytest.approx(ev[key]["per_class"][name])
+    assert "## Where the errors go" in summary
+    errors = int(np.asarray(ev["fusion"]["confusion"]).sum() - np.trace(np.asarray(ev["fusion"]["confusion"])))
+    assert f"| fusion | {errors:,} |" in summary
+
+
+def test_errors_table_splits_mistakes_by_group():
+    """Hand-made counts: 3 classes, groups {a, b} and {c}."""
+    from papm.server.summary import errors_table
+    from papm.shared.datasets import DatasetInfo
+
+    info = DatasetInfo("toy", ["a", "b", "c"], 3, 8, [0.0] * 3, [1.0] * 3, hflip=False, crop_padding=0)
+    base = [[8, 1, 1], [0, 10, 0], [0, 0, 10]]    # 2 errors: a->b inside the group, a->c between groups
+    fusion = [[5, 1, 4], [2, 8, 0], [0, 0, 10]]   # 7 errors: a->b, b->a (3 inside), a->c x4 (between)
+    ev = {"base": {"confusion": base}, "fusion": {"confusion": fusion},
+          "devices": [{"class_names": ["a", "b"]}, {"class_names": ["c"]}]}
+    lines = errors_table(info, ev)
+    assert "| baseline | 2 | 1 | 1 |" in lines and "| fusion | 7 | 3 | 4 |" in lines
+    grown = [line for line in lines if line.startswith("- ")]
+    assert grown == ["- a taken for c: 1 -> 4 (+3, between groups)", "- b taken for a: 0 -> 2 (+2, one group)"]
+    assert errors_table(info, {"base": {}, "fusion": {}, "devices": []}) == []  # runs from before the counts were kept
