@@ -80,6 +80,7 @@ def test_a_run_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_one(t
     b = json.loads((killed / "evaluation.json").read_text())
     assert (a["base"]["accuracy"], a["fusion"]["accuracy"]) == (b["base"]["accuracy"], b["fusion"]["accuracy"])
     assert a["fusion"]["per_class"] == b["fusion"]["per_class"]
+    assert (whole / "class_stats.pt").read_bytes() == (killed / "class_stats.pt").read_bytes()  # byte for byte
     if label == "finetune":  # the server's test accuracy after each round: each (round, device) once, the same numbers
         tested = [[(m["round"], m["device"], m["test_group"]) for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
                    if m["phase"] == "finetune-test"] for r in (whole, killed)]

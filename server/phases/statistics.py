@@ -4,6 +4,7 @@ group report for every K (``groups/``)."""
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,7 +13,7 @@ from ...client.records import record_state
 from ...shared.group_report import write_group_report
 from ...shared.class_stats import ClassStatistics
 from ...shared.errors import PapmError
-from ...shared.files import atomic_write
+from ...shared.files import atomic_write_bytes
 from ...shared.grouping import analyse_stats, check_k
 
 if TYPE_CHECKING:
@@ -28,10 +29,11 @@ def run(d: RunDriver) -> None:
     if not replies:
         raise PapmError("no node returned class statistics; check the nodes and run again with --resume")
     stats = ClassStatistics.zeros(info.num_classes)
-    for c in replies.values():
+    for c in replies.values():  # in partition order (d.send): the same sums to the last bit in every run
         stats = stats + ClassStatistics.from_arrays(record_state(c["stats"]))
-    buf = {k: v.clone() for k, v in stats.to_arrays().items()}
-    atomic_write(d.rd.path / "class_stats.pt", lambda p: torch.save(buf, p))
+    buf = io.BytesIO()  # saved from memory: torch.save names the archive after the (temporary) file
+    torch.save({k: v.clone() for k, v in stats.to_arrays().items()}, buf)
+    atomic_write_bytes(d.rd.path / "class_stats.pt", buf.getvalue())
     check_k(d.cfg.devices, info.num_classes)
     analysis = analyse_stats(stats, info.class_names, d.cfg.similarity, d.cfg.outputs, d.cfg.balanced)
     analysis.extra.update({"split": "train", "nodes": len(replies)})
