@@ -24,7 +24,7 @@ from ..shared.compression import masks_kept, nonzero_masks
 from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
-from ..shared.training import TrainSettings, fit, momentum_lr_sum, predict_logits, round_lr
+from ..shared.training import TrainSettings, fit, momentum_lr_sum, predict_logits, round_lr, teacher_outputs
 from .drills import drill_mods
 from .node import Node, features, received_head, shift_against, train_settings, val_counts
 from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record
@@ -146,7 +146,8 @@ def finetune(msg: Message, context: Context) -> Message:
     the group's weighted objective."""
     node = Node(msg, context)
     cfg, info = node.cfg, node.info()
-    teacher = node.model("teacher") if cfg.kd else None
+    # kd: the base's logits on this node's images, once for every job of the round (the teacher is fixed)
+    teacher = teacher_outputs(node.model("teacher"), node.data.train.x, info, node.device) if cfg.kd else None
     arrays, results = {}, {}
     for job in node.jobs():
         model = node.model(job["key"])
@@ -159,7 +160,7 @@ def finetune(msg: Message, context: Context) -> Message:
         correction = record_state(msg.content[control]) if control in msg.content else None
         with masks_kept(keeper):
             finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
-                           node.device, teacher=teacher, logit_shift=shift, grad_correction=correction)
+                           node.device, teacher_logits=teacher, logit_shift=shift, grad_correction=correction)
         arrays[job["key"]] = state_record(model.state_dict())
         results[job["key"]] = {"num-examples": len(node.data.train), "steps": settings.steps,
                                "lr-sum": momentum_lr_sum(settings, settings.steps),
