@@ -160,7 +160,8 @@ def finetune(msg: Message, context: Context) -> Message:
         correction = record_state(msg.content[control]) if control in msg.content else None
         with masks_kept(keeper):
             finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
-                           node.device, teacher_logits=teacher, logit_shift=shift, grad_correction=correction)
+                           node.device, teacher_logits=teacher, logit_shift=shift, grad_correction=correction,
+                           kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature)
         arrays[job["key"]] = state_record(model.state_dict())
         results[job["key"]] = {"num-examples": len(node.data.train), "steps": settings.steps,
                                "lr-sum": momentum_lr_sum(settings, settings.steps),

@@ -69,6 +69,8 @@ class RunConfig:
     emphasis: float = 4.0
     emphasis_mode: str = "loss"
     kd: bool = False
+    kd_weight: float = 0.5  # share of the distillation term in the fine-tuning loss (the rest: cross-entropy)
+    kd_temperature: float = 4.0
     bn_recalibrate: bool = True  # re-estimate each fine-tuned model's BatchNorm statistics from all its nodes' data
     # compression options beside the one-shot PAPM cut (see compression_options.py)
     schedule: str = "oneshot"  # oneshot | iterative: `steps` cuts, APoZ re-measured on the nodes in between
@@ -192,6 +194,8 @@ class RunConfig:
         for name in ("base_lr", "finetune_lr", "fusion_lr", "dirichlet_alpha"):
             need(getattr(self, name) > 0, f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         need(0.0 <= self.by_group_share <= 1.0, f"by-group-share must be in [0, 1], got {self.by_group_share}")
+        need(0.0 <= self.kd_weight <= 1.0, f"kd-weight must be in [0, 1], got {self.kd_weight}")
+        need(self.kd_temperature > 0, f"kd-temperature must be > 0, got {self.kd_temperature}")
         need(self.emphasis >= 1.0, f"emphasis must be >= 1 (1 = no emphasis on the group's classes), got {self.emphasis}")
         need(self.dataset != "imagefolder" or bool(self.data_root),
              "dataset imagefolder needs data-root (a folder with train/<class>/ images; the coordinator's also test/<class>/)")

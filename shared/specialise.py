@@ -181,7 +181,8 @@ def objective_weight(labels: torch.Tensor, num_classes: int, classes: list[int],
 
 def finetune_local(model: nn.Module, train: ImageSet, info: DatasetInfo, classes: list[int], settings: TrainSettings,
                    emphasis: float, emphasis_mode: str, device="cpu", teacher_logits: torch.Tensor | None = None,
-                   logit_shift: torch.Tensor | None = None, grad_correction: dict | None = None) -> list[dict]:
+                   logit_shift: torch.Tensor | None = None, grad_correction: dict | None = None, kd_weight: float = 0.5,
+                   kd_temperature: float = 4.0) -> list[dict]:
     """One node's fine-tuning of a group's model (one FedAvg round): the group's classes emphasised.
     ``logit_shift`` (``label_shift`` of the node's class mix against all working nodes'): the emphasis
     weights scale the local and the global class mix alike, so they cancel out of the shift. ``teacher_logits``
@@ -190,7 +191,8 @@ def finetune_local(model: nn.Module, train: ImageSet, info: DatasetInfo, classes
     return fit(model, train, info, settings, device,
                class_weights=weights if emphasis_mode == "loss" else None,
                sample_weights=weights[train.y] if emphasis_mode == "sampling" else None,
-               teacher_logits=teacher_logits, logit_shift=logit_shift, grad_correction=grad_correction, progress=False)
+               teacher_logits=teacher_logits, kd_weight=kd_weight, kd_temperature=kd_temperature, logit_shift=logit_shift,
+               grad_correction=grad_correction, progress=False)
 
 
 def accuracy_summary(model: nn.Module, split: ImageSet, info: DatasetInfo, classes: list[int], device) -> dict:

@@ -93,10 +93,14 @@ def test_a_federated_run_distils_with_one_teacher_pass_per_node_and_round(tmp_pa
 
     small = ["nodes=2", "devices=2", "base-rounds=2", "base-epochs=1", "finetune-epochs=1", "finetune-rounds=2",
              "fusion-rounds=1", "device=cpu"]
-    passes = []
-    real = client_app.teacher_outputs
+    passes, weights = [], set()
+    real, finetune_local = client_app.teacher_outputs, client_app.finetune_local
     monkeypatch.setattr(client_app, "teacher_outputs", lambda *a, **k: passes.append(len(a[1])) or real(*a, **k))
-    run_direct(RunConfig.from_overrides([*small, "kd=true", f"run-dir={tmp_path / 'kd'}"]))
+    monkeypatch.setattr(client_app, "finetune_local",
+                        lambda *a, **k: weights.add((k["kd_weight"], k["kd_temperature"])) or finetune_local(*a, **k))
+    run_direct(RunConfig.from_overrides([*small, "kd=true", "kd-weight=0.7", "kd-temperature=2",
+                                         f"run-dir={tmp_path / 'kd'}"]))
+    assert weights == {(0.7, 2.0)}  # the run's kd-weight and kd-temperature reach every node's fine-tuning
     run_direct(RunConfig.from_overrides([*small, f"run-dir={tmp_path / 'plain'}"]))
     assert len(passes) == 2 * 2  # two nodes, two rounds; not once per job
     kd, plain = (json.loads((tmp_path / r / "evaluation.json").read_text()) for r in ("kd", "plain"))
