@@ -35,6 +35,13 @@ def test_train_then_prune_end_to_end(tmp_path):
     for stage in ("before_finetune", "after_finetune"):
         assert set(report["accuracy"][stage]) == {"all", "group"}
     assert pckpt["kind"] == "pruned"
+    # the same cut with distillation from the base: the report says so, and the fine-tuning differs
+    r = run_papm("prune", "base.pt", "--classes", "3,5,8", "--budget", "0.77", "--finetune-epochs", "1", "--kd",
+                 "--kd-weight", "0.8", "--out", "kd.pt", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    kd = json.loads((tmp_path / "kd.json").read_text())
+    assert (kd["finetune"]["kd"], kd["finetune"]["kd_weight"]) == (True, 0.8) and not report["finetune"]["kd"]
+    assert kd["params_after"] == report["params_after"] and kd["accuracy"]["after_finetune"] != report["accuracy"]["after_finetune"]
 
 
 def _one_error_line(r):
