@@ -13,7 +13,8 @@ from papm.shared.checkpoint import load_checkpoint
 from papm.shared.datasets import normalise
 from papm.shared.errors import PapmError
 from papm.shared.models import ResNet18
-from papm.shared.training import TrainSettings, augment, augment_with_flips, fit, teacher_outputs
+from papm.shared.distillation import teacher_outputs
+from papm.shared.training import TrainSettings, augment, augment_with_flips, fit
 
 from conftest import TINY_WIDTH
 
