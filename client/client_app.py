@@ -148,7 +148,7 @@ def finetune(msg: Message, context: Context) -> Message:
     node = Node(msg, context)
     cfg, info = node.cfg, node.info()
     # kd: the base's logits on this node's images, once for every job of the round (the teacher is fixed)
-    teacher = teacher_outputs(node.model("teacher"), node.data.train.x, info, node.device) if cfg.kd else None
+    teacher_logits = teacher_outputs(node.model("teacher"), node.data.train.x, info, node.device) if cfg.kd else None
     arrays, results = {}, {}
     for job in node.jobs():
         model = node.model(job["key"])
@@ -161,7 +161,7 @@ def finetune(msg: Message, context: Context) -> Message:
         correction = record_state(msg.content[control]) if control in msg.content else None
         with masks_kept(keeper):
             finetune_local(model, node.data.train, info, job["classes"], settings, cfg.emphasis, cfg.emphasis_mode,
-                           node.device, teacher_logits=teacher, logit_shift=shift, grad_correction=correction,
+                           node.device, teacher_logits=teacher_logits, logit_shift=shift, grad_correction=correction,
                            kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature)
         arrays[job["key"]] = state_record(model.state_dict())
         results[job["key"]] = {"num-examples": len(node.data.train), "steps": settings.steps,
