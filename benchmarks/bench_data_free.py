@@ -51,7 +51,7 @@ from papm.shared.files import atomic_write_text
 from papm.shared.models import count_params
 from papm.shared.restore import restore_after_pruning
 from papm.shared.specialise import PruneSettings, parse_classes, prune_model
-from papm.shared.training import predict_logits
+from papm.shared.inference import predict_logits
 
 BN_IMAGES = 2048
 BN_SEED = 0

@@ -25,7 +25,8 @@ from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
 from ..shared.distillation import teacher_outputs
-from ..shared.training import TrainSettings, fit, momentum_lr_sum, predict_logits, round_lr
+from ..shared.inference import predict_logits
+from ..shared.training import TrainSettings, fit, momentum_lr_sum, round_lr
 from .drills import drill_mods
 from .node import Node, features, received_head, shift_against, train_settings, val_counts
 from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record

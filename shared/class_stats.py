@@ -22,7 +22,7 @@ from torch import nn
 
 from .datasets import DatasetInfo, ImageSet
 from .errors import PapmError
-from .training import predict_logits
+from .inference import predict_logits
 
 FIELDS = ("counts", "softmax_sum", "logit_sum", "softmax_outer", "logit_outer", "confusion")
 

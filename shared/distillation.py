@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .datasets import DatasetInfo, normalise
+from .datasets import DatasetInfo
+from .inference import logits_of
 
 
 @torch.no_grad()
@@ -19,19 +20,9 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor, info: DatasetInfo, devi
     training steps' worth on a pruned student: distillation cost 2.3x a plain step, now a pass or two per
     fit). The random crop is not replayed: the teacher sees the uncropped image, which the crop shifts by at
     most ``crop_padding`` pixels."""
-    device = torch.device(device)
-    home, was_training = next(teacher.parameters(), torch.empty(0)).device, teacher.training
-    teacher.to(device).eval()
     views = [False, True] if info.hflip else [False]
-    out = torch.empty(len(views), x.shape[0], info.num_classes, device=device)
-    try:
-        for v, mirrored in enumerate(views):
-            for i in range(0, x.shape[0], batch_size):
-                xb = x[i : i + batch_size].to(device)
-                out[v, i : i + batch_size] = teacher(normalise(xb.flip(3) if mirrored else xb, info)).float()
-    finally:
-        teacher.to(home).train(was_training)
-    return out
+    return torch.stack([logits_of(teacher, x, info, device, batch_size=batch_size, mirrored=m, out_device=device)
+                        for m in views])
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

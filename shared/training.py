@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .datasets import DatasetInfo, ImageSet, normalise
 from .distillation import distillation_loss, teacher_outputs
 from .errors import PapmError
+from .inference import predict_logits
 
 
 @dataclass
@@ -133,28 +134,6 @@ def round_lr(lr: float, round_index: int, rounds: int) -> float:
     over the rounds (lr, ..., lr / rounds), so the last rounds average models that moved little
     and the global model settles instead of jumping between local optima."""
     return lr * (rounds - round_index) / rounds
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: ImageSet, info: DatasetInfo, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
-    """Logits for every sample (float32, on the CPU), in order.
-
-    Plain fp32, no autocast: class statistics and accuracies are sums that must not depend on
-    how a node batches its data (bf16 logits would make federated sums differ from centralised ones).
-    """
-    device = torch.device(device)
-    # The caller's model stays where it was, in the mode it was in: a server that evaluates its CPU copy on a GPU
-    # must not find it on the GPU afterwards (it then meets CPU inputs: parameter counts, exports, checkpoints).
-    home, was_training = next(model.parameters(), torch.empty(0)).device, model.training
-    model.to(device).eval()
-    out = []
-    try:
-        for i in range(0, len(data), batch_size):
-            xb = normalise(data.x[i : i + batch_size].to(device), info)
-            out.append(model(xb).float().cpu())
-    finally:
-        model.to(home).train(was_training)
-    return torch.cat(out) if out else torch.empty(0, info.num_classes)
 
 
 @torch.no_grad()

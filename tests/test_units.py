@@ -314,7 +314,8 @@ def test_a_node_with_a_skewed_class_mix_fine_tunes_for_everyones_mix():
     images of class 0 for each of class 1 fine-tunes a model that calls most class-1 images class 0; shifted by
     its mix against all working nodes' (balanced) mix, the model it returns decides as on balanced data."""
     from papm.shared.datasets import DatasetInfo, ImageSet
-    from papm.shared.training import TrainSettings, fit, label_shift, predict_logits
+    from papm.shared.inference import predict_logits
+    from papm.shared.training import TrainSettings, fit, label_shift
 
     gen = torch.Generator().manual_seed(0)
     info = DatasetInfo("skew", ["dark", "light"], 1, 2, [0.5], [0.25], hflip=False, crop_padding=0)

@@ -17,7 +17,7 @@ from ....client.records import record_state, state_record
 from ....shared.errors import PapmError
 from ....shared.importance import ActivationCounts
 from ....shared.lowbit import gptq_from_sums, gptq_layer_order
-from ....shared.training import predict_logits
+from ....shared.inference import predict_logits
 from ...fedavg import scaffold_controls, scaffold_correction, weighted_average
 
 if TYPE_CHECKING:
