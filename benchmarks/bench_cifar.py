@@ -18,6 +18,7 @@ rows of earlier invocations that this one does not run are kept, each with its o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -72,8 +73,8 @@ def _device_name(sets: list[str]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"- {r['name']} ({r['date']}, {r.get('device', 'CPU, 2 cores')}, {r.get('engine', 'simulate')}): `{r['command']}`"
-             for r in rows]
+    lines = [f"- {r['name']} ({r['date']}, {r.get('device', 'CPU, 2 cores')}, {r.get('engine', 'simulate')}"
+             f"{', base sha256 ' + r['base_sha256'][:12] if r.get('base_sha256') else ''}): `{r['command']}`" for r in rows]
     lines += ["", "| run | base | fusion | fusion - base | part params | wall s (prune, fusion, all phases) |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
         return [{"command": earlier.get("command", ""), "date": earlier.get("date", ""), **r} for r in earlier["runs"]]
 
     rows = recorded()
+    # which base each row measured: retraining with the same command on another machine gives another base
+    base_sha256 = hashlib.sha256(Path(args.base).read_bytes()).hexdigest()
 
     def save(row: dict) -> None:  # after every run: a grid stopped midway keeps what it finished
         # read again: a grid started beside this one (one per core) may have recorded its runs since
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
             runtime = ("timeout=", "device=", "run-dir=")  # settings that do not change what a run computes
             name = f"{part}-k{k}-n{nodes}" + "".join(f"-{s.replace('=', '')}" for s in args.set if not s.startswith(runtime))
             row = {**run_one(name, sets, Path(args.runs), args.engine), "command": command, "date": time.strftime("%Y-%m-%d"),
-                   "engine": args.engine, "device": _device_name(sets)}
+                   "engine": args.engine, "device": _device_name(sets), "base_sha256": base_sha256}
             save(row)
             print(f"  base {100 * row['base_accuracy']:.2f}%  fusion {100 * row['fusion_accuracy']:.2f}%  "
                   f"fusion - base {100 * row['fusion_minus_base']:+.2f} points", flush=True)
