@@ -229,6 +229,9 @@ class RunDriver:
         completed = self.rd.start(self.cfg, self.resume)
         if completed:
             log(INFO, "resuming %s: completed phases %s are kept", self.rd.path, completed)
+        if self.rd.new_keys:  # the phases still to run use them; the completed ones ran without
+            log(WARNING, "%s was started by a version without config key(s) %s: the phases still to run use %s",
+                self.rd.path, ", ".join(self.rd.new_keys), ", ".join(f"{k}={v!r}" for k, v in self.rd.new_keys.items()))
         # failures of earlier attempts stay on record (the summary reports them all)
         self.failures = list(self.rd.state().get("failures", []))
         phase = "hello"

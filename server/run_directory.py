@@ -20,7 +20,7 @@ from torch import nn
 
 from ..shared.checkpoint import load_checkpoint
 from ..shared.class_stats import ClassStatistics
-from ..shared.config import PHASES, RunConfig
+from ..shared.config import PHASES, RUNTIME_ONLY, RunConfig
 from ..shared.datasets import DatasetInfo
 from ..shared.errors import PapmError
 from ..shared.files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -139,9 +139,13 @@ class RunDirectory:
         return removed
 
     def start(self, cfg: RunConfig, resume: bool) -> list[str]:
-        """Create or reopen the run; returns the completed phases. Refuses a different config."""
+        """Create or reopen the run; returns the completed phases. Refuses a different config. ``new_keys``: the
+        config keys the run's saved config lacks (a run started by an older version), with the values they take."""
+        self.new_keys: dict[str, Any] = {}
         if self.exists():
             old = self.read_config()
+            saved = json.loads(self.config_file.read_text())
+            self.new_keys = {k: v for k, v in cfg.to_flower().items() if k not in saved and k not in RUNTIME_ONLY}
             if not resume:
                 raise PapmError(self.taken_message())
             diff = old.differences(cfg)

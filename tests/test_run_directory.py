@@ -59,6 +59,23 @@ def test_clear_removes_only_what_a_run_wrote(tmp_path):
     run.start(RunConfig.from_overrides([f"run-dir={run.path}"]), resume=False)  # a fresh run may start here again
 
 
+def test_resume_names_the_keys_a_run_saved_by_an_older_version_lacks(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    cfg = RunConfig.from_overrides([f"run-dir={run.path}", "kd=true"])
+    run.start(cfg, resume=False)
+    assert run.new_keys == {}
+    run.start(cfg, resume=True)
+    assert run.new_keys == {}  # the same version: nothing new
+    saved = json.loads(run.config_file.read_text())
+    for key in ("kd-weight", "kd-temperature", "timeout"):  # timeout is runtime-only: not worth a word
+        del saved[key]
+    run.config_file.write_text(json.dumps(saved))
+    assert run.start(cfg, resume=True) == []
+    assert run.new_keys == {"kd-weight": 0.5, "kd-temperature": 4.0}
+    run.start(cfg, resume=True)
+    assert run.new_keys == {}  # the config was saved whole on resume
+
+
 def test_atomic_writes_are_flushed_and_keep_the_umask(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync

@@ -77,8 +77,14 @@ def test_resume_after_a_phase_does_not_recompute_it(tmp_path):
     # a different config is refused
     r = run_papm("simulate", *fast, "--set", "budget=0.5", "--run-dir", run, "--resume", cwd=tmp_path)
     assert r.returncode == 2 and "budget" in r.stderr and "different config" in r.stderr
+    # as if an older version had started the run: its saved config lacks a key; the user is told what it takes
+    saved = json.loads((run / "config.json").read_text())
+    del saved["kd-weight"]
+    (run / "config.json").write_text(json.dumps(saved))
     r = run_papm("simulate", *fast, "--run-dir", run, "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "without config key(s) kd-weight: the phases still to run use kd-weight=0.5" in r.stderr, r.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["kd-weight"] == 0.5  # saved now: said once
     assert json.loads((run / "state.json").read_text())["completed"] == list(PHASES)
     for f, t in stamps.items():
         assert (run / f).stat().st_mtime_ns == t, f"{f} was recomputed"
