@@ -143,8 +143,8 @@ class RunDirectory:
         config keys the run's saved config lacks (a run started by an older version), with the values they take."""
         self.new_keys: dict[str, Any] = {}
         if self.exists():
-            old = self.read_config()
-            saved = json.loads(self.config_file.read_text())
+            saved = self.saved_settings()
+            old = RunConfig.from_mapping(saved, source=str(self.config_file))
             self.new_keys = {k: v for k, v in cfg.to_flower().items() if k not in saved and k not in RUNTIME_ONLY}
             if not resume:
                 raise PapmError(self.taken_message())
@@ -165,6 +165,10 @@ class RunDirectory:
         return list(state["completed"])
 
     def read_config(self) -> RunConfig:
+        return RunConfig.from_mapping(self.saved_settings(), source=str(self.config_file))
+
+    def saved_settings(self) -> dict[str, Any]:
+        """config.json as saved (kebab-case keys, without the fingerprint); damage is one error."""
         try:
             data = json.loads(self.config_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -173,7 +177,7 @@ class RunDirectory:
             raise PapmError(f"{self.config_file} holds a JSON {type(data).__name__}, not the run's settings; the run "
                             "directory is damaged, start a new one")
         data.pop("fingerprint", None)
-        return RunConfig.from_mapping(data, source=str(self.config_file))
+        return data
 
     def state(self) -> dict[str, Any]:
         if not self.state_file.exists():
