@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .datasets import DatasetInfo, ImageSet, normalise
 from .distillation import distillation_loss, teacher_outputs
 from .errors import PapmError
-from .inference import predict_logits
+from .inference import autocast_for, predict_logits
 
 
 @dataclass
@@ -121,12 +121,6 @@ def augment_with_flips(x: torch.Tensor, info: DatasetInfo, generator: torch.Gene
         flip = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x, flip
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def round_lr(lr: float, round_index: int, rounds: int) -> float:
@@ -259,7 +253,7 @@ def fit(
             xb, flipped = augment_with_flips(x_all[idx], info, gen)
             xb = normalise(xb, info).contiguous(memory_format=memory_format)
             yb = y_all[idx]
-            with _autocast(device):
+            with autocast_for(device):
                 logits = model(xb)
                 shifted = logits.float() if logit_shift is None else logits.float() + logit_shift
                 loss = F.cross_entropy(shifted, yb, weight=class_weights, label_smoothing=settings.label_smoothing)

@@ -56,6 +56,25 @@ def test_teacher_outputs_are_the_teachers_logits_of_each_view(digits, base_ckpt)
         assert torch.allclose(out[flipped.long(), idx], teacher(normalise(xb, info)), atol=1e-5)
 
 
+def test_only_the_teacher_pass_runs_under_autocast(digits, base_ckpt, monkeypatch):
+    # bf16 on CUDA speeds the teacher's pass; evaluation and class statistics stay plain fp32 (exact sums)
+    from papm.shared import inference
+
+    teacher, info, _ = load_checkpoint(base_ckpt)
+    devices = []
+    real = inference.autocast_for
+    monkeypatch.setattr(inference, "autocast_for", lambda d: devices.append(torch.device(d)) or real(d))
+    x = digits.train.x[:70]
+    flips = dataclasses.replace(info, hflip=True, crop_padding=0)
+    out = teacher_outputs(teacher, x, flips, batch_size=32)
+    assert devices == [torch.device("cpu")] * 6  # 3 batches x 2 views, each under the device's autocast
+    devices.clear()
+    logits = inference.predict_logits(teacher, digits.train, info)
+    assert devices == [] and torch.equal(logits[:70], out[0])  # on the CPU autocast is off: the same numbers
+    with pytest.raises(ValueError, match="out has shape"):
+        inference.logits_of(teacher, x, info, out=torch.empty(69, info.num_classes))
+
+
 def test_distillation_pulls_the_student_towards_the_teacher(digits, base_ckpt):
     teacher, info, _ = load_checkpoint(base_ckpt)
     torch.manual_seed(5)
