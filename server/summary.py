@@ -59,13 +59,16 @@ def finetune_table(devices: list[dict]) -> list[str]:
     return lines
 
 
-def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool = False) -> str:
+def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool = False,
+                     label_skew: float | None = None) -> str:
     base, fusion, fed = ev["base"], ev["fusion"], ev["federated"]
     lines = [
         f"# PAPM-FL run: {Path(cfg.run_dir).name}",
         "",
         f"{info.name}, {info.num_classes} classes, {cfg.nodes} nodes, K={cfg.devices} devices, {compression_text(cfg)}, "
         f"width {cfg.width:g}; test split: {ev['test_samples']} samples.",
+        *([] if label_skew is None else ["", f"Label skew across the nodes' training data: {label_skew:.3f} (0: every "
+                                         "node holds the same class mix; 1: no two nodes share a class)."]),
         "",
         "## Accuracy",
         "",
@@ -169,5 +172,7 @@ def write_summary(run_dir: Path, cfg: RunConfig, info: DatasetInfo, ev: dict, me
     png = curves_png(metrics, ev["base"]["accuracy"])
     if png:
         atomic_write_bytes(run_dir / "curves.png", png)
-    atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, info, ev, curves=png is not None))
+    skew = [m["label_skew"] for m in metrics if m.get("phase") == "assignment" and "label_skew" in m]
+    atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, info, ev, curves=png is not None,
+                                                               label_skew=skew[-1] if skew else None))
     atomic_write_csv(run_dir / "summary.csv", summary_rows(info, ev))

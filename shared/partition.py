@@ -17,6 +17,40 @@ from .errors import PapmError
 PARTITIONERS = ("iid", "dirichlet", "by-group")
 
 
+def label_skew(class_counts: np.ndarray) -> float:
+    """How far the nodes' class mixes are from all nodes' mix, from 0 (every node holds the same mix) to 1 (no
+    two nodes share a class), whatever the nodes' sizes (``class_counts``: nodes x classes).
+
+    The sample-weighted mean total-variation distance between each node's class distribution and the pooled
+    one, divided by its largest value for these node sizes, 1 - sum(share^2), reached when the nodes' classes
+    are disjoint. Empty nodes have no mix and do not count."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    sizes = counts.sum(axis=1)
+    if counts.ndim != 2 or sizes.sum() <= 0:
+        return 0.0
+    held = sizes > 0
+    counts, sizes = counts[held], sizes[held]
+    share = sizes / sizes.sum()
+    largest = 1.0 - float((share**2).sum())
+    if largest <= 0:  # one node: nothing to differ from
+        return 0.0
+    distance = 0.5 * np.abs(counts / sizes[:, None] - counts.sum(axis=0) / sizes.sum()).sum(axis=1)
+    return float(min(1.0, (share * distance).sum() / largest))
+
+
+def skew_is_real(class_counts: np.ndarray, threshold: float = 0.1, p_value: float = 1e-3) -> bool:
+    """True when the nodes' mixes differ by at least ``threshold`` (``label_skew``) and by more than their
+    sizes explain: a chi-square test of homogeneity (``p < p_value``) keeps small IID nodes, whose mixes
+    differ by sampling noise alone, from being called skewed."""
+    from scipy.stats import chi2_contingency
+
+    counts = np.asarray(class_counts, dtype=np.float64)
+    counts = counts[counts.sum(axis=1) > 0][:, counts.sum(axis=0) > 0]
+    if counts.shape[0] < 2 or counts.shape[1] < 2 or label_skew(counts) < threshold:
+        return False
+    return bool(chi2_contingency(counts).pvalue < p_value)
+
+
 def _check_nodes(labels: np.ndarray, num_nodes: int, min_size: int = 1) -> None:
     if num_nodes < 1:
         raise PapmError(f"number of nodes must be >= 1, got {num_nodes}")

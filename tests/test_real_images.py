@@ -15,7 +15,7 @@ from papm.shared.config import PHASES, RunConfig
 from papm.shared.datasets import load_dataset
 from papm.shared.errors import PapmError
 from papm.shared.images import load_images
-from papm.shared.partition import partition
+from papm.shared.partition import label_skew, partition, skew_is_real
 from papm.shared.specialise import local_apoz_counts, objective_weight
 
 from conftest import pattern_base, run_papm, write_pattern_folder
@@ -105,6 +105,27 @@ def test_partitions_keep_a_minimum_size_or_refuse():
         partition(labels, 10, "dirichlet", alpha=0.01, seed=0, min_size=25)
     with pytest.raises(PapmError, match="by-group-share"):  # share 1: the nodes of group 1 past the first get little
         partition(labels, 5, "by-group", groups=[[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]], share=1.0, min_size=40)
+
+
+def test_label_skew_measures_how_far_node_mixes_are_from_the_pooled_mix():
+    assert label_skew(np.array([[5, 5], [10, 10], [0, 0]])) == 0.0  # same mix; an empty node does not count
+    assert label_skew(np.array([[7, 0], [0, 3]])) == pytest.approx(1.0)  # no class shared, whatever the sizes
+    assert label_skew(np.array([[7, 0, 0], [0, 3, 1]])) == pytest.approx(1.0)
+    # pooled (0.4, 0.4, 0.2); node mixes 0.6, 0.6 and 2/15 from it, weighted by 12, 12, 36 samples: 0.32, over
+    # the largest mean distance for these sizes, 1 - (0.2^2 + 0.2^2 + 0.6^2) = 0.56
+    assert label_skew(np.array([[12, 0, 0], [0, 12, 0], [12, 12, 12]])) == pytest.approx(0.32 / 0.56)
+    labels = np.repeat(np.arange(10), 300)
+
+    def table(parts):
+        return np.stack([np.bincount(labels[p], minlength=10) for p in parts])
+
+    iid = table(partition(labels, 3, "iid", seed=0))
+    labels_small = labels[::20]  # 30 images a node: their mixes differ by chance alone
+    small = np.stack([np.bincount(labels_small[p], minlength=10) for p in partition(labels_small, 5, "iid", seed=0)])
+    skewed = table(partition(labels, 3, "dirichlet", alpha=0.5, seed=0))
+    assert label_skew(iid) < 0.05 and not skew_is_real(iid)
+    assert label_skew(small) > 0.1 and not skew_is_real(small)  # large by noise, not significant
+    assert label_skew(skewed) > 0.4 and skew_is_real(skewed)
 
 
 def test_run_inputs_come_from_the_checkpoint(tmp_path, base_ckpt):
@@ -229,6 +250,10 @@ def test_nodes_without_group_samples_stay_in_the_run(tmp_path, finetune_nodes):
     run = tmp_path / "run"
     state = json.loads((run / "state.json").read_text())
     assert state["completed"] == list(PHASES) and not state.get("failures")
+    assignment = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line).get("phase") == "assignment"][-1]
+    assert assignment["label_skew"] == pytest.approx(0.32 / 0.56, abs=1e-4) and assignment["label_skewed"]
+    assert "Label skew across the nodes' training data: 0.571" in (run / "summary.md").read_text()
     reports = [json.loads((run / "devices" / f"device-{g}" / "prune.json").read_text()) for g in range(3)]
     apoz_nodes = {r["class_names"][0]: r["apoz_nodes"] for r in reports}
     if finetune_nodes == "all":

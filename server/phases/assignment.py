@@ -19,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from ...shared.group_report import write_assignment, write_group_report
 from ...shared.errors import PapmError
 from ...shared.grouping import analyse_stats, random_groups
+from ...shared.partition import label_skew, skew_is_real
 
 if TYPE_CHECKING:
     from ..driver import RunDriver
@@ -75,7 +76,12 @@ def run(d: RunDriver) -> None:
         write_group_report(d.rd.path / "groups", analysis)
         write_assignment(d.rd.path / "groups", groups, info.class_names, nodes, how)
     k = len(groups)
-    d.rd.log_metrics("assignment", k=k, grouping=how, nodes=len(mapping),
+    table = np.stack([by_pid[p] for p in sorted(by_pid)])
+    skew, skewed = label_skew(table), skew_is_real(table)
+    log(INFO, "label skew across nodes: %.3f (0: every node holds the same class mix, 1: no two share a class)%s", skew,
+        "; the nodes' photos are label-skewed: consider --set finetune-scaffold=true (README: real photos, label skew)"
+        if skewed and not cfg.finetune_scaffold else "")
+    d.rd.log_metrics("assignment", k=k, grouping=how, nodes=len(mapping), label_skew=round(skew, 4), label_skewed=skewed,
                      nodes_per_group=[sum(1 for gg in mapping.values() if gg == g) for g in range(k)])
     for g in range(k):
         members = [p for p, gg in mapping.items() if gg == g]
