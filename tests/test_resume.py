@@ -150,6 +150,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of stat: nice
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_a_simulation_within_seconds_and_leaves_no_process(tmp_path):
     from papm.simulations.simulate import descendants
@@ -164,6 +177,9 @@ def test_ctrl_c_ends_a_simulation_within_seconds_and_leaves_no_process(tmp_path)
             time.sleep(0.05)
         below = descendants(proc.pid)
         assert below  # Ray's processes and workers
+        # the nodes compete for the CPU as the command does, not at Ray's default nice 15
+        workers = [p for p in below if _cmdline(p).startswith("ray::")]
+        assert workers and all(_nice(p) <= os.nice(0) for p in workers), [(_cmdline(p), _nice(p)) for p in workers]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
