@@ -65,7 +65,7 @@ class RunConfig:
     finetune_epochs: int = 10  # passes over all nodes' data together, in sequential steps, split over the rounds
     finetune_lr: float = 0.02
     finetune_logit_adjust: bool = True  # each node fine-tunes on logits shifted by its class mix (label skew)
-    finetune_scaffold: bool = False  # SCAFFOLD control variates: each node's steps corrected by (global - its own) mean gradient
+    finetune_scaffold: bool = True  # SCAFFOLD control variates: each node's steps corrected by (global - its own) mean gradient
     emphasis: float = 4.0
     emphasis_mode: str = "loss"
     kd: bool = False

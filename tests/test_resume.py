@@ -102,7 +102,7 @@ def test_scaffold_control_variates_survive_a_kill_mid_fine_tuning(tmp_path):
     assert a["fusion"]["per_class"] == b["fusion"]["per_class"]
     assert [d["test_accuracy"] for d in a["devices"]] == [d["test_accuracy"] for d in b["devices"]]
     plain = tmp_path / "plain"  # and the control variates did change the fine-tuning
-    run_direct(RunConfig.from_overrides([*SMALL, "finetune-rounds=3", f"run-dir={plain}"]))
+    run_direct(RunConfig.from_overrides([*SMALL, "finetune-rounds=3", "finetune-scaffold=false", f"run-dir={plain}"]))
     c = json.loads((plain / "evaluation.json").read_text())
     assert [d["test_accuracy"] for d in c["devices"]] != [d["test_accuracy"] for d in a["devices"]]
 

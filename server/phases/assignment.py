@@ -79,8 +79,8 @@ def run(d: RunDriver) -> None:
     table = np.stack([by_pid[p] for p in sorted(by_pid)])
     skew, skewed = label_skew(table), skew_is_real(table)
     log(INFO, "label skew across nodes: %.3f (0: every node holds the same class mix, 1: no two share a class)%s", skew,
-        "; the nodes' photos are label-skewed: consider --set finetune-scaffold=true (README: real photos, label skew)"
-        if skewed and not cfg.finetune_scaffold else "")
+        "; the nodes' photos are label-skewed and finetune-scaffold is off: on skewed CIFAR-10 it was worth 1.2 points "
+        "(README: real photos, label skew)" if skewed and not cfg.finetune_scaffold else "")
     d.rd.log_metrics("assignment", k=k, grouping=how, nodes=len(mapping), label_skew=round(skew, 4), label_skewed=skewed,
                      nodes_per_group=[sum(1 for gg in mapping.values() if gg == g) for g in range(k)])
     for g in range(k):
