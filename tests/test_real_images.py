@@ -116,13 +116,12 @@ def test_label_skew_measures_how_far_node_mixes_are_from_the_pooled_mix():
     assert label_skew(np.array([[12, 0, 0], [0, 12, 0], [12, 12, 12]])) == pytest.approx(0.32 / 0.56)
     labels = np.repeat(np.arange(10), 300)
 
-    def table(parts):
-        return np.stack([np.bincount(labels[p], minlength=10) for p in parts])
+    def table(labels, nodes, method, **kw):  # nodes x classes counts of a partition
+        return np.stack([np.bincount(labels[p], minlength=10) for p in partition(labels, nodes, method, seed=0, **kw)])
 
-    iid = table(partition(labels, 3, "iid", seed=0))
-    labels_small = labels[::20]  # 30 images a node: their mixes differ by chance alone
-    small = np.stack([np.bincount(labels_small[p], minlength=10) for p in partition(labels_small, 5, "iid", seed=0)])
-    skewed = table(partition(labels, 3, "dirichlet", alpha=0.5, seed=0))
+    iid = table(labels, 3, "iid")
+    small = table(labels[::20], 5, "iid")  # 30 images a node: their mixes differ by chance alone
+    skewed = table(labels, 3, "dirichlet", alpha=0.5)
     assert label_skew(iid) < 0.05 and not skew_is_real(iid)
     assert label_skew(small) > 0.1 and not skew_is_real(small)  # large by noise, not significant
     assert label_skew(skewed) > 0.4 and skew_is_real(skewed)

@@ -142,10 +142,15 @@ def test_sigkill_in_base_round_3_then_resume(tmp_path):
     assert "resuming after round 2 of 6" in r.stderr
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: field 3 (state) first."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return False
 
@@ -159,8 +164,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _nice(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of stat: nice
+    return int(_stat(pid)[16])  # field 19: nice
 
 
 @pytest.mark.slow
