@@ -5,9 +5,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from papm.deploy import doctor
 from papm.shared.cpu import features_from
@@ -60,12 +63,52 @@ NODE_ONLY = textwrap.dedent("""
 """)
 
 
+def _requirement_closure(name: str) -> list[metadata.Distribution]:
+    """The installed distribution ``name`` and everything it requires, extras followed (torch's cuda-toolkit[...]
+    is where its nvidia wheels come from)."""
+    found, extras, todo = {}, {}, [Requirement(name)]
+    while todo:
+        req = todo.pop()
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue  # a requirement whose marker does not hold here
+        key = canonicalize_name(dist.metadata["Name"])
+        wanted = {""} | set(req.extras)
+        if key in found and wanted <= extras[key]:
+            continue
+        found[key], extras[key] = dist, extras.get(key, set()) | wanted
+        for line in dist.requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in wanted):
+                todo.append(sub)
+    return list(found.values())
+
+
+def _preinstall_torch(venv: Path, where: Path) -> None:
+    """Make this environment's torch (and what it requires) visible to ``venv`` through a .pth file, as a device
+    whose image ships its own torch (a Jetson's) has it: a CUDA torch with its nvidia wheels is 5 GB, which a second
+    copy per CI run does not have the disk for. The links sit outside the venv, so pip never uninstalls through them."""
+    where.mkdir()
+    for dist in _requirement_closure("torch"):
+        if canonicalize_name(dist.metadata["Name"]) in ("pip", "setuptools"):  # the venv's own
+            continue
+        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not (where / top).exists():
+                (where / top).symlink_to(source)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "preinstalled-torch.pth").write_text(f"{where}\n")
+
+
 @pytest.mark.slow
 def test_a_real_node_install_has_no_coordinator_packages_and_runs_the_clientapp(tmp_path):
-    """A fresh venv with the node extra and the constraints file, as a SuperNode installs it (pip's cache holds
-    the wheels once CI has installed the project): none of the coordinator's packages, and the handlers run."""
+    """A fresh venv with the node extra and the constraints file, as a SuperNode with its own torch installs it:
+    none of the coordinator's packages, and the handlers run."""
     venv = tmp_path / "node"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    _preinstall_torch(venv, tmp_path / "device-torch")
     # a copy of the sources: pip builds a wheel in the source folder, and a test writes nothing into the repository
     source = tmp_path / "papm-fl"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
@@ -74,6 +117,9 @@ def test_a_real_node_install_has_no_coordinator_packages_and_runs_the_clientapp(
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     python = str(venv / "bin" / "python")
+    # pip kept the device's torch rather than installing its own over it
+    r = subprocess.run([python, "-c", "import torch; print(torch.__file__)"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.startswith(str(tmp_path / "device-torch")), r.stdout + r.stderr
     # (tomli-w comes with flwr itself, so a node has it too)
     r = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in ('ray', 'matplotlib', 'scipy', "
                         "'sklearn') if u.find_spec(m)])"], capture_output=True, text=True, cwd=tmp_path)
