@@ -93,7 +93,8 @@ def _preinstall_torch(venv: Path, where: Path) -> None:
     for dist in _requirement_closure("torch"):
         if canonicalize_name(dist.metadata["Name"]) in ("pip", "setuptools"):  # the venv's own
             continue
-        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+        # (not __pycache__: the interpreter writes there, and it would write through the link into this venv)
+        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")} - {"__pycache__"}:
             source = Path(dist.locate_file(top))
             if source.exists() and not (where / top).exists():
                 (where / top).symlink_to(source)
