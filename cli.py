@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("node", help="a warm worker beside a SuperNode: keeps torch and the data loaded between messages")
     n.add_argument("--socket", required=True, help="Unix socket path (its folder must be closed to other users); give "
                    "the SuperNode the same path as node config worker-socket")
-    n.add_argument("--threads", type=int, default=0, help="torch threads for the handlers (default 0: all of this "
-                   "machine's cores); 1 where several nodes share one machine's cores (a loopback test)")
+    n.add_argument("--threads", type=int, default=0, help="torch threads for the handlers (default 0: every CPU this "
+                   "process may use, after taskset and a container's CPU quota); 1 where several nodes share one machine's cores (a loopback test)")
 
     # torch-free modules (export_cli imports torch only inside run_export)
     from .deploy.deploy_cli import add_deploy_parser
@@ -186,12 +186,13 @@ def cmd_node(args) -> int:
 
     if args.threads < 0:
         raise PapmError(f"--threads must be >= 0 (0: all cores), got {args.threads}; pass e.g. --threads 1")
-    threads = ""
-    if args.threads:
-        import torch
+    import torch
 
+    from .shared.cpu import fit_torch_threads
+
+    if args.threads:
         torch.set_num_threads(args.threads)
-        threads = f" (torch threads: {torch.get_num_threads()})"
+    threads = f" (torch threads: {torch.get_num_threads() if args.threads else fit_torch_threads()})"
     stop, ready = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # systemd / the kit's supervisor stop it this way
     thread = threading.Thread(target=lambda: ready.wait() and print(f"papm node: serving on {args.socket}{threads}", flush=True),

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
+from ..shared.cpu import fit_torch_threads
 from ..shared.datasets import normalise, pixel_sums
 from ..shared.fusion import class_feature_sums, feature_sums, fit_head
 from ..shared.compression import masks_kept, nonzero_masks
@@ -32,6 +33,7 @@ from .node import Node, features, received_head, shift_against, train_settings, 
 from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record
 
 app = ClientApp(mods=drill_mods())  # failure drills only when PAPM_INJECT_FAULT is set
+fit_torch_threads()  # a device container's CPU quota, which torch's own default does not see
 
 FEDBN_KEY = "papm-fedbn"  # context.state: this node's own BatchNorm layers under bn=local
 

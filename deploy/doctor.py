@@ -7,6 +7,7 @@ installed, to name the device) so that an edge install can run it too.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import sys
@@ -110,7 +111,7 @@ def package_versions(names: list[str]) -> str:
 
 def report(role: str | None = None) -> tuple[str, bool]:
     """(the screen, whether ``role`` is complete; True when no role is named)."""
-    from ..shared.cpu import cpu_features
+    from ..shared.cpu import cgroup_cpu_limit, cpu_features, usable_cpus
 
     role = ROLE_ALIASES.get(role, role)
     lines = []
@@ -122,6 +123,9 @@ def report(role: str | None = None) -> tuple[str, bool]:
     f = cpu_features()
     int8 = "u8 activations" + (", 7-bit weights (reduce_range: no VNNI)" if f["x86"] and not f["vnni"] else ", 8-bit weights")
     lines.append(f"CPU: {f['isa']}; INT8 export here: {int8}")
+    quota = cgroup_cpu_limit()
+    lines.append(f"CPUs this process may use: {usable_cpus()} of {os.cpu_count() or 1}"
+                 + (f" (cgroup quota {quota:g})" if quota is not None else "") + "; papm sizes its threads and workers to it")
     try:
         import onnxruntime as ort
 

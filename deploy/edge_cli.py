@@ -42,7 +42,8 @@ def _add_bundle_args(p: argparse.ArgumentParser, precision: bool = True) -> None
     p.add_argument("--verify-key", default=None, help="Ed25519 public key (PEM): refuse unsigned or altered bundles")
     if precision:
         p.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="part precision (the head runs fp32)")
-    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's own, "
+                   "or one per CPU this process may use under taskset, a cpuset or a CPU quota)")
 
 
 class _Intermixed:

@@ -9,13 +9,13 @@ the very code training uses, so pixels reach the model exactly as in training.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..shared.cpu import cpus_restricted, usable_cpus
 from ..shared.errors import PapmError
 from ..shared.images import IMAGE_SUFFIXES, load_image, normalise_array
 from .bundle import Bundle
@@ -25,10 +25,14 @@ PRECISIONS = ("fp32", "int8")
 
 def make_session(model: Path | str | bytes, threads: int | None = None, name: str = ""):
     """A CPU session of an ONNX file or of its bytes (the bytes a bundle verified: nothing is read
-    again between the check and the run); ``threads`` None = ONNX Runtime's default (all cores)."""
+    again between the check and the run); ``threads`` None = ONNX Runtime's default (the machine's physical cores),
+    or the CPUs this process may use where a cpuset or a cgroup quota allows fewer (``shared.cpu.usable_cpus``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not threads and cpus_restricted():
+        # ORT would size its pool to the host and pin threads to cores outside the cpuset (pthread_setaffinity_np fails)
+        threads = usable_cpus()
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
@@ -211,4 +215,4 @@ class EdgeRuntime:
 
 
 def default_threads() -> int:
-    return os.cpu_count() or 1
+    return usable_cpus()

@@ -8,12 +8,12 @@ normalisation.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .cpu import usable_cpus
 from .errors import PapmError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -74,11 +74,12 @@ def _load_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
 def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, workers: int | None = None,
                 progress: Callable[[int], None] | None = None, min_parallel: int = 2000) -> np.ndarray:
     """Many image files -> uint8 N x C x S x S, decoded by ``workers`` processes (default: one per CPU)
-    from ``min_parallel`` files on; ``progress(n)`` is called as chunks of n images finish."""
+    from ``min_parallel`` files on (one per CPU this process may use: a container's share, not the host's);
+    ``progress(n)`` is called as chunks of n images finish."""
     paths = [str(p) for p in paths]
     if not paths:
         return np.zeros((0, in_channels, image_size, image_size), dtype=np.uint8)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     chunk = 256 if len(paths) >= 4 * workers * 256 else max(1, -(-len(paths) // (4 * workers)))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     if workers == 1 or len(paths) < min_parallel:  # starting processes costs more than it saves on a small set

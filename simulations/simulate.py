@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..shared.config import PHASES, RunConfig
+from ..shared.cpu import usable_cpus
 from ..shared.errors import PapmError
 from ..shared.files import check_writable
 
@@ -42,8 +43,7 @@ def backend_config(cfg: RunConfig) -> tuple[dict, int]:
     """Flower's Ray backend settings, and how many nodes it runs at the same time."""
     import torch
 
-    # the CPUs this process may run on (a container or taskset may allow fewer than the machine has)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()  # a container, taskset or cgroup quota may allow fewer than the machine has
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     if gpu:  # the nodes share the GPU: up to four at a time, one CPU each to feed it
         share = min(cfg.nodes, 4)

@@ -1,6 +1,7 @@
 """Installs per role: a SuperNode's install (no Ray, matplotlib, scipy, scikit-learn or tomli-w) runs the
 ClientApp's handlers; `papm doctor` names what a role misses and the command that fixes it."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from papm.deploy import doctor
+from papm.shared import cpu
 from papm.shared.cpu import features_from
 
 from conftest import write_pattern_folder
@@ -211,6 +213,71 @@ def test_cpu_features_from_the_flags():
     assert avx2["avx2"] and not avx2["vnni"] and not avx2["avx512"]
     assert features_from("x86_64", {"avx2", "avx512f", "avx512_vnni"})["vnni"]
     assert features_from("x86_64", {"avx2", "avx_vnni"})["vnni"]  # Alder Lake and later: VNNI without AVX-512
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+def test_the_cgroup_cpu_quota_of_a_container(tmp_path):
+    """docker --cpus / a Kubernetes limit, as the kernel shows it: cgroup v2 cpu.max along the process's cgroup path
+    (the tightest wins), v1 cfs quota / period; no quota and no cgroup file system are None."""
+    v2, proc = tmp_path / "v2", tmp_path / "proc-cgroup"
+    _write(v2 / "cpu.max", "max 100000")
+    _write(v2 / "kubepods" / "cpu.max", "max 100000")
+    _write(v2 / "kubepods" / "pod1" / "cpu.max", "250000 100000")
+    _write(proc, "0::/kubepods/pod1")
+    assert cpu.cgroup_cpu_limit(v2, proc) == 2.5
+    _write(v2 / "kubepods" / "cpu.max", "150000 100000")  # the parent's limit is tighter
+    assert cpu.cgroup_cpu_limit(v2, proc) == 1.5
+    _write(proc, "0::/")  # inside a container's own namespace the path is "/"
+    assert cpu.cgroup_cpu_limit(v2, proc) is None
+
+    v1 = tmp_path / "v1"
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "200000")
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000")
+    _write(proc, "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/")
+    assert cpu.cgroup_cpu_limit(v1, proc) == 2.0
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "-1")  # v1's "no quota"
+    assert cpu.cgroup_cpu_limit(v1, proc) is None
+    assert cpu.cgroup_cpu_limit(tmp_path / "absent", tmp_path / "absent-proc") is None
+
+
+def test_usable_cpus_are_the_affinity_mask_capped_by_the_quota(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for quota, expected in ((None, 4), (2.5, 2), (0.3, 1), (16.0, 4)):
+        monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda quota=quota: quota)
+        assert cpu.usable_cpus() == expected
+
+
+def test_a_restricted_process_sizes_onnx_runtime_and_torch_to_its_cpus():
+    """Pinned to one CPU (taskset, docker --cpuset-cpus), ONNX Runtime's pool and torch's threads are one thread, not
+    the host's cores (ORT ignores the mask, torch a cgroup quota); an unpinned process keeps ORT's own default."""
+    pytest.importorskip("onnxruntime")
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a Linux process allowed on at least 2 CPUs")
+    code = textwrap.dedent("""
+        import os, sys
+        from onnx import TensorProto, helper
+        from papm.deploy.runtime import make_session
+        from papm.shared import cpu
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(g).SerializeToString()
+        free = make_session(model).get_session_options().intra_op_num_threads
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        pinned = make_session(model).get_session_options().intra_op_num_threads
+        cpu.cgroup_cpu_limit = lambda: 1.0  # a quota torch cannot see: torch keeps its threads until told
+        import torch
+        torch.set_num_threads(2)
+        print(free, pinned, cpu.usable_cpus(), cpu.fit_torch_threads())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0", "1", "1", "1"]
 
 
 def test_a_missing_role_package_is_one_error_line(tmp_path):
