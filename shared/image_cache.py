@@ -24,7 +24,8 @@ from .errors import PapmError
 from .files import atomic_write_bytes
 from .images import IMAGE_SUFFIXES, load_images
 
-PREPROCESS_VERSION = 2  # bump when images.fit_image changes what it produces (2: 16-bit grey keeps its top 8 bits)
+PREPROCESS_VERSION = 3  # bump when images.load_image changes what it produces (2: 16-bit grey keeps its top 8 bits;
+# 3: photos turned upright by their EXIF orientation)
 
 
 def cache_dir() -> Path | None:

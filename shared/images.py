@@ -2,8 +2,8 @@
 
 Training (``datasets.py``: files and in-memory datasets alike), the federated run and the
 edge runtime (``deploy/``) all go through :func:`fit_image`, so an image is converted,
-resized and cropped the same way everywhere; ``normalise_array`` matches the training
-normalisation.
+resized and cropped the same way everywhere (image files first turned upright by their EXIF
+orientation); ``normalise_array`` matches the training normalisation.
 """
 
 from __future__ import annotations
@@ -52,8 +52,20 @@ def fit_array(x: np.ndarray, in_channels: int, image_size: int) -> np.ndarray:
     return out
 
 
+def upright(im):
+    """The image as a viewer shows it: cameras and phones store a photo taken in portrait sideways, with an EXIF
+    Orientation tag (2-8) that viewers apply; a model should see the photo the way its owner does."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block leaves the image as stored (Pillow raises various types here)
+        return im
+    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im  # exif_transpose copies even at 1
+
+
 def load_image(path: Path | str, in_channels: int, image_size: int) -> np.ndarray:
-    """One image file -> uint8 C x S x S (see :func:`fit_image`)."""
+    """One image file -> uint8 C x S x S, turned upright by its EXIF orientation (see :func:`fit_image`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -61,7 +73,7 @@ def load_image(path: Path | str, in_channels: int, image_size: int) -> np.ndarra
             if im.size[0] * im.size[1] > MAX_PIXELS:
                 raise PapmError(f"image {path} has {im.size[0]}x{im.size[1]} pixels, more than {MAX_PIXELS:,}; "
                                 "resize it or remove it")
-            return fit_image(im, in_channels, image_size)
+            return fit_image(upright(im), in_channels, image_size)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise PapmError(f"cannot read image {path}: {e}; remove or replace the file") from None
 

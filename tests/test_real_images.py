@@ -94,6 +94,37 @@ def test_16_bit_grey_images_keep_their_contrast(tmp_path):
     assert load_image(tmp_path / "scan16.png", 1, 64).std() > 50  # a gradient, not a white page
 
 
+def test_a_photo_stored_sideways_reads_upright(tmp_path):
+    """A phone stores a portrait photo sideways with an EXIF Orientation tag; training and `papm infer` read it as
+    its owner's viewer shows it, every orientation (2-8) alike; an untagged file or tag 1 reads as stored."""
+    from PIL import Image
+
+    from papm.shared.images import load_image
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (48, 32, 3), dtype=np.uint8))  # portrait: 32 wide, 48 high
+    expected = load_image(_save(upright, tmp_path / "upright.png"), 3, 32)
+    # what each tag tells a viewer to do, inverted: the file holds the upright photo put through the inverse
+    stored_as = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_270}
+    for tag, inverse in stored_as.items():
+        path = _save(upright.transpose(inverse), tmp_path / f"tag{tag}.png", orientation=tag)
+        assert np.array_equal(load_image(path, 3, 32), expected), tag
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    for path in (_save(sideways, tmp_path / "untagged.png"), _save(sideways, tmp_path / "tag1.png", orientation=1)):
+        assert np.array_equal(load_image(path, 3, 32), load_image(_save(sideways, tmp_path / "plain.png"), 3, 32))
+        assert not np.array_equal(load_image(path, 3, 32), expected)
+
+
+def _save(im, path, orientation: int | None = None):
+    exif = im.getexif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    im.save(path, exif=exif)
+    return path
+
+
 def test_partitions_keep_a_minimum_size_or_refuse():
     labels = np.repeat(np.arange(10), 30)
     for method, kw in (("iid", {}), ("dirichlet", {"alpha": 0.3}), ("by-group", {"groups": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]})):
