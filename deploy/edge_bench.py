@@ -60,13 +60,13 @@ def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_dir():
         raise PapmError(f"test data not found: {path}; give an ImageFolder-style folder or an .npz")
     root = path / "test" if (path / "test").is_dir() else path
-    from ..shared.images import IMAGE_SUFFIXES
+    from ..shared.images import image_files
 
     files, labels = [], []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # as training reads them
         if d.name not in names:
             raise PapmError(f"{d} is not a class of this bundle ({names}); name the class folders after the classes")
-        found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        found = image_files(d)
         files += found
         labels += [names.index(d.name)] * len(found)
     if not files:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..shared.cpu import cpus_restricted, usable_cpus
 from ..shared.errors import PapmError
-from ..shared.images import IMAGE_SUFFIXES, load_image, normalise_array
+from ..shared.images import IMAGE_SUFFIXES, image_files, load_image, normalise_array
 from .bundle import Bundle
 
 PRECISIONS = ("fp32", "int8")
@@ -51,11 +51,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def expand_inputs(paths: Iterable[Path | str]) -> list[Path]:
-    """Image files as given, folders expanded to their images (recursive, sorted)."""
+    """Image files as given, folders expanded to their images (recursive, sorted, hidden files left out)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files(p)
             if not found:
                 raise PapmError(f"{p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)

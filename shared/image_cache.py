@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import PapmError
 from .files import atomic_write_bytes
-from .images import IMAGE_SUFFIXES, load_images
+from .images import IMAGE_SUFFIXES, image_files, load_images
 
 PREPROCESS_VERSION = 3  # bump when images.load_image changes what it produces (2: 16-bit grey keeps its top 8 bits;
 # 3: photos turned upright by their EXIF orientation)
@@ -42,7 +42,7 @@ def list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
         d = folder / name
         if not d.is_dir():
             raise PapmError(f"{folder} has no folder {name!r} (a class of the training data); give every split the same classes")
-        files += [(f, c) for f in sorted(d.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        files += [(f, c) for f in image_files(d)]
     return files
 
 

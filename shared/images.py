@@ -20,6 +20,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 MAX_PIXELS = 64_000_000  # larger images are refused (a decompression bomb), not decoded
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted), leaving out hidden ones and those in hidden folders:
+    macOS writes a ``._name.jpg`` beside every photo it copies to a foreign disk (not an image), and Jupyter keeps
+    ``.ipynb_checkpoints/`` copies in the folders it opens."""
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def fit_image(im, in_channels: int, image_size: int) -> np.ndarray:
     """A Pillow image -> uint8 C x S x S: grey or RGB, short side resized to S (bilinear), centre-cropped.
     16-bit grey images keep their top 8 bits."""

@@ -232,6 +232,17 @@ def test_bench_test_data_from_npz(exported, digits, tmp_path):
     np.savez(tmp_path / "t.npz", x=digits.test.x[:10].numpy(), y=digits.test.y[:10].numpy())
     x, y = load_test_data(tmp_path / "t.npz", EdgeRuntime(load_bundle(bundle), "fp32"))
     assert x.shape == (10, 1, 8, 8) and x.dtype == np.uint8 and list(y) == digits.test.y[:10].tolist()
+    from PIL import Image  # a class tree copied from a Mac, opened in Jupyter: its hidden files are not test images
+
+    for i in range(6):
+        d = tmp_path / "tree" / str(int(digits.test.y[i]))
+        (d / ".ipynb_checkpoints").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.test.x[i, 0].numpy(), mode="L").save(d / f"{i}.png")
+        (d / f"._{i}.png").write_bytes(b"AppleDouble")
+        (d / ".ipynb_checkpoints" / f"{i}-checkpoint.png").write_bytes(b"not an image")
+    (tmp_path / "tree" / ".ipynb_checkpoints").mkdir()
+    x, y = load_test_data(tmp_path / "tree", EdgeRuntime(load_bundle(bundle), "fp32"))
+    assert sorted(y.tolist()) == sorted(int(c) for c in digits.test.y[:6]) and x.shape == (6, 1, 8, 8)
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 1, 9, 9), np.uint8), y=np.zeros(3))
     r = edge("bench", bundle, "--test-dir", tmp_path / "bad.npz", "--runs", 1, "--verify-key", exported[2] / "papm-signing-key.pub.pem")
     assert "bad.npz" in only_error_line(r)

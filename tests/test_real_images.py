@@ -117,6 +117,29 @@ def test_a_photo_stored_sideways_reads_upright(tmp_path):
         assert not np.array_equal(load_image(path, 3, 32), expected)
 
 
+def test_hidden_files_beside_the_photos_are_not_read(tmp_path):
+    """A tree copied from a Mac carries ``._name.png`` AppleDouble files (not images) and Jupyter leaves
+    ``.ipynb_checkpoints/``: training and `papm infer` on a folder read the photos only (`papm bench --test-dir`:
+    tests/test_edge.py)."""
+    from papm.deploy.runtime import expand_inputs
+    from papm.shared.images import image_files
+
+    root = write_pattern_folder(tmp_path / "data", per_class=6, size=24)
+    photos = {split: sorted((root / split).rglob("*.png")) for split in ("train", "test")}
+    for split in ("train", "test"):
+        for d in sorted((root / split).iterdir()):
+            (d / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+            (d / ".ipynb_checkpoints").mkdir()
+            (d / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"not an image")
+        (root / split / ".ipynb_checkpoints").mkdir()  # a hidden folder beside the class folders
+    data = load_dataset("imagefolder", root, image_size=24)
+    assert len(data.train.x) + len(data.val.x) == len(photos["train"]) and len(data.test.x) == len(photos["test"])
+    assert data.info.class_names == ["circle", "square", "stripes"]
+    assert image_files(root / "test") == photos["test"] and expand_inputs([root / "test"]) == photos["test"]
+    hidden = root / "test" / "circle" / "._0.png"
+    assert expand_inputs([hidden]) == [hidden]  # a file named on the command line is read as asked
+
+
 def _save(im, path, orientation: int | None = None):
     exif = im.getexif()
     if orientation is not None:
