@@ -84,7 +84,9 @@ def quantize_int8(fp32_path: Path | str, out_path: Path | str, calibration: np.n
         raise PapmError(f"no calibration data for {fp32_path.name}; INT8 needs some of the device's training images")
     import onnxruntime as ort
 
-    input_name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    opts = ort.SessionOptions()  # one thread: ORT's default pool pins threads to the host's cores (fails in a cpuset)
+    opts.intra_op_num_threads = 1
+    input_name = ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"]).get_inputs()[0].name
     out_path.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger().level
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
