@@ -89,15 +89,27 @@ def cmd_groups(args) -> int:
 
 
 def resolve_run_config(args):
-    """Defaults <- --config file <- --set overrides <- --run-dir; then dataset and image shape from the base checkpoint."""
+    """Defaults (with --resume, the run directory's saved config) <- --config file <- --set overrides <- --run-dir;
+    then dataset and image shape from the base checkpoint. So `--run-dir R --resume` alone continues R as it was started."""
+    from pathlib import Path
+
     from .shared.config import RunConfig
 
-    cfg = RunConfig()
-    if args.config:
-        cfg = RunConfig.from_file(args.config, cfg)
-    cfg = RunConfig.from_overrides(args.set, cfg)
-    if args.run_dir is not None:  # an empty --run-dir is an error, not the default
-        cfg = RunConfig.from_mapping({"run-dir": args.run_dir}, cfg)
+    def layered(cfg: RunConfig) -> RunConfig:
+        if args.config:
+            cfg = RunConfig.from_file(args.config, cfg)
+        cfg = RunConfig.from_overrides(args.set, cfg)
+        if args.run_dir is not None:  # an empty --run-dir is an error, not the default
+            cfg = RunConfig.from_mapping({"run-dir": args.run_dir}, cfg)
+        return cfg
+
+    cfg = layered(RunConfig())
+    if getattr(args, "resume", False) and (Path(cfg.run_dir) / "config.json").is_file():
+        from .server.run_directory import RunDirectory
+
+        saved = RunDirectory(cfg.run_dir).saved_settings()
+        saved.pop("stop-after", None)  # where the first command stopped is not where this one should
+        cfg = layered(RunConfig.from_mapping(saved, source=str(Path(cfg.run_dir) / "config.json")))
     from .shared.checkpoint import resolve_run_inputs
 
     return resolve_run_inputs(cfg)

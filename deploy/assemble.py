@@ -63,6 +63,7 @@ def export_run(
     from_run: bool = False,
     int8_activations: str = "u8",
     int8_reduce_range: bool | None = None,
+    data_root: Path | str | None = None,
 ) -> dict:
     """Export a run directory (base.pt, devices/device-k/pruned.pt, fusion/head.pt) into an edge bundle.
 
@@ -71,7 +72,8 @@ def export_run(
     (after a parity check against the run's PyTorch checkpoints); a missing fp32 file is
     exported here. A missing INT8 file is quantised here, calibrated on the training images of
     the device's classes that this machine can load (the run's dataset): run with
-    ``int8 = true`` to have every device calibrate on its own data instead.
+    ``int8 = true`` to have every device calibrate on its own data instead. ``data_root``: where that
+    dataset is now (default: the folder the base checkpoint names).
 
     ``from_run``: called by the ServerApp, which has only the held-out ``test_split`` (used
     for parity inputs and the reported accuracy, never fitted on); nothing is calibrated then.
@@ -130,7 +132,7 @@ def export_run(
         splits, test = None, test_split
         x_check = parity_inputs(test.x, parity_samples, normalise=lambda x: normalise(x, info))
     else:
-        splits = load_dataset_like(info)
+        splits = load_dataset_like(info, root=data_root)
         test = splits.test
         x_check = parity_inputs(splits.val.x if len(splits.val) else splits.train.x, parity_samples,
                                 normalise=lambda x: normalise(x, info))

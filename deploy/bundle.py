@@ -87,6 +87,11 @@ def _load_key(path: Path | str, private: bool):
         data = path.read_bytes()
     except OSError as e:
         raise PapmError(f"cannot read the {what} key {path} ({e.strerror}); give an Ed25519 PEM file") from None
+    if not private and b"PRIVATE KEY-----" in data:  # the two files of a pair are easily swapped
+        raise PapmError(f"{path} is the private (signing) key; --verify-key takes the public key, "
+                        f"{PUBLIC_KEY} beside it (keep the private key off the devices)")
+    if private and b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
+        raise PapmError(f"{path} is a public key; signing needs the private key of the pair ({PRIVATE_KEY})")
     try:
         key = (serialization.load_pem_private_key(data, password=None) if private
                else serialization.load_pem_public_key(data))

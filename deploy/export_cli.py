@@ -25,6 +25,8 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--new-key", default=None, metavar="DIR",
                    help="generate an Ed25519 key pair in DIR and sign with it (keep the private key off the devices)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument("--data-root", default=None, help="where the base's training data is now (default: the folder it was "
+                   "trained on, as its checkpoint names it); read for parity inputs, test accuracy and INT8 calibration")
     return e
 
 
@@ -39,10 +41,15 @@ def run_export(args: argparse.Namespace) -> int:
     if getattr(args, "new_key", None) is not None:
         check_writable(args.new_key, "--new-key", folder=True)
     sign_key = args.sign_key
+    options = dict(int8=args.int8, force=args.force, calib_samples=args.calib_samples, data_root=args.data_root,
+                   int8_activations=args.int8_activations,
+                   int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range])
     if not getattr(args, "new_key", None):
-        result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=sign_key, force=args.force,
-                            calib_samples=args.calib_samples, int8_activations=args.int8_activations,
-                            int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range])
+        if sign_key:  # a missing or wrong key is one line now, not after the export and INT8 work
+            from .bundle import check_signing_key
+
+            check_signing_key(sign_key)
+        result = export_run(args.run_dir, args.out, sign_key=sign_key, **options)
     else:
         if sign_key:
             raise PapmError("give either --sign-key or --new-key, not both")
@@ -62,9 +69,7 @@ def run_export(args: argparse.Namespace) -> int:
         signed = False
         try:
             staged_priv, staged_pub = generate_keypair(staging)
-            result = export_run(args.run_dir, args.out, int8=args.int8, sign_key=staged_priv, force=args.force,
-                                calib_samples=args.calib_samples, int8_activations=args.int8_activations,
-                                int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range])
+            result = export_run(args.run_dir, args.out, sign_key=staged_priv, **options)
             signed = True  # from here on the pair signs a bundle: it is moved into place, never deleted
             for path in (staged_priv, staged_pub):
                 path.rename(keys / path.name)

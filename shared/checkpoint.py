@@ -139,15 +139,17 @@ def load_head(path: Path | str):
 def resolve_run_inputs(cfg: RunConfig) -> RunConfig:
     """The run's dataset, image size and channels, resolved once before the run starts.
 
-    With a ``base-checkpoint`` they are the checkpoint's (as are its classes and normalisation):
-    an explicit different value is refused with one line; ``data-root`` defaults to the folder the
+    With a ``base-checkpoint`` they are the checkpoint's (as are its classes, normalisation and
+    ``width``): an explicit different value is refused with one line; ``data-root`` defaults to the folder the
     checkpoint was trained on. Without one: digits unless another dataset is named, at the
     dataset's own shape unless ``image-size``/``channels`` say otherwise.
     """
     if cfg.base_checkpoint:
         try:
-            info = DatasetInfo.from_dict(read_checkpoint(cfg.base_checkpoint)["data"])
-        except (TypeError, KeyError) as e:
+            ckpt = read_checkpoint(cfg.base_checkpoint)
+            info = DatasetInfo.from_dict(ckpt["data"])
+            width = float(ckpt["model_args"]["width"])
+        except (TypeError, KeyError, ValueError) as e:
             raise PapmError(f"{cfg.base_checkpoint} has damaged metadata ({type(e).__name__}); re-create it with `papm train`") from None
         theirs = {"dataset": info.name, "image-size": info.image_size, "channels": info.in_channels}
         mine = {"dataset": cfg.dataset, "image-size": cfg.image_size, "channels": cfg.channels}
@@ -155,8 +157,16 @@ def resolve_run_inputs(cfg: RunConfig) -> RunConfig:
             if value and value != theirs[key]:
                 raise PapmError(f"{key}={value} conflicts with base-checkpoint {cfg.base_checkpoint} ({key} {theirs[key]}); "
                                 f"leave {key} unset (the checkpoint's is used) or give a checkpoint trained with {key} {value}")
-        values = dict(theirs)
+        default_width = RunConfig().width  # an unset width and the default look alike: only another value conflicts
+        if cfg.width not in (default_width, width):
+            raise PapmError(f"width={cfg.width:g} conflicts with base-checkpoint {cfg.base_checkpoint} (width {width:g}); "
+                            "leave width unset (the checkpoint's is used) or give a checkpoint trained at that width")
+        values = {**theirs, "width": width}
         if not cfg.data_root and info.name != "digits" and info.source:
+            if not Path(info.source).is_dir():
+                raise PapmError(f"base-checkpoint {cfg.base_checkpoint} was trained on {info.source}, which is not a folder "
+                                "here (moved, or a relative path from another working folder); set data-root to where "
+                                "the data is now")
             values["data-root"] = info.source
         return RunConfig.from_mapping(values, cfg)
     dataset = cfg.dataset or "digits"

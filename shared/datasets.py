@@ -251,7 +251,7 @@ def load_dataset(
     elif name == "cifar10":
         root = Path(root or "data/cifar10")
         train, test, classes = _load_cifar10(root, download)
-        hflip, source = True, str(root)
+        hflip, source = True, str(root.resolve())  # absolute: a checkpoint is read from other folders too
     else:
         if not root:
             raise PapmError("--dataset imagefolder needs --data-root DIR (a folder with train/ and test/)")
@@ -259,7 +259,7 @@ def load_dataset(
         if not root.is_dir():
             raise PapmError(f"data root {root} is not a folder; give an ImageFolder tree (train/<class>/..., test/<class>/...)")
         train, test, classes = _load_imagefolder(root, in_channels, image_size, parts)
-        hflip, source = True, str(root)
+        hflip, source = True, str(root.resolve())  # absolute: a checkpoint is read from other folders too
     empty = (np.zeros((0, in_channels, image_size, image_size), np.uint8), np.zeros(0, np.int64))
     xtr, ytr = train if train is not None else empty
     xte, yte = test if test is not None else empty
@@ -292,6 +292,9 @@ def load_dataset_like(info: DatasetInfo, name: str | None = None, root: str | Pa
     Normalisation stays the checkpoint's (``info``), so the model sees what it was trained on.
     """
     name = name or info.name
+    if root is None and name == info.name and name != "digits" and info.source and not Path(info.source).is_dir():
+        raise PapmError(f"the checkpoint's data folder {info.source} (where it was trained) is not a folder here: moved, "
+                        "or a relative path from another working folder; give --data-root where the data is now")
     splits = load_dataset(
         name,
         root if root is not None else (info.source if name != "digits" else None),

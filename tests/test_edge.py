@@ -314,9 +314,11 @@ def test_manifest_edited_after_signing(bundle_copy, pngs, exported):
 def test_signature_from_another_key(bundle_copy, pngs, tmp_path):
     from papm.deploy.bundle import generate_keypair
 
-    _, other_pub = generate_keypair(tmp_path / "other")
+    other_priv, other_pub = generate_keypair(tmp_path / "other")
     line = only_error_line(edge("infer", bundle_copy, pngs[1][0], "--verify-key", other_pub))
     assert "signature" in line
+    line = only_error_line(edge("infer", bundle_copy, pngs[1][0], "--verify-key", other_priv))  # the pair's files swapped
+    assert "is the private (signing) key" in line and "papm-signing-key.pub.pem" in line
 
 
 def test_unsigned_bundle_with_verify_key(bundle_copy, pngs, exported):

@@ -208,6 +208,12 @@ def test_export_refuses_to_overwrite_without_force(exported, tmp_path):
     # the run's own bundle is regenerated on request, but a signed one only with a key: refused, unchanged
     line = one_error_line(run_export_cli(run))
     assert "is signed" in line and "--sign-key" in line
+    # a wrong signing key is refused before any export work, nothing written
+    fresh = tmp_path / "fresh"
+    line = one_error_line(run_export_cli(run, "--out", fresh, "--sign-key", exported[2] / "papm-signing-key.pub.pem"))
+    assert "is a public key" in line and "papm-signing-key.pem" in line and not fresh.exists()
+    line = one_error_line(run_export_cli(run, "--out", fresh, "--sign-key", tmp_path / "nokey.pem"))
+    assert "cannot read the signing (private) key" in line and not fresh.exists()
     assert (bundle / "manifest.json").read_bytes() == before
     # another existing bundle is replaced only with --force
     other = tmp_path / "copy"

@@ -4,6 +4,7 @@ non-IID nodes that stay in the run, bounded memory, and the run's input shape fr
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,31 @@ def test_16_bit_grey_images_keep_their_contrast(tmp_path):
         assert np.array_equal(x16, load_image(tmp_path / "scan8.png", channels, size))
         assert x16.shape == (channels, size, size)
     assert load_image(tmp_path / "scan16.png", 1, 64).std() > 50  # a gradient, not a white page
+
+
+def test_a_checkpoint_names_its_data_folder_from_anywhere(tmp_path, monkeypatch):
+    """Trained on a relative --data-root, the checkpoint names the folder absolutely, so `papm simulate`, `prune` and
+    `export` find it from any working folder; data moved since is one line that says where the path came from."""
+    from papm.shared.datasets import load_dataset_like
+
+    write_pattern_folder(tmp_path / "photos", per_class=6, size=16)
+    monkeypatch.chdir(tmp_path)
+    info = load_dataset("imagefolder", "photos", image_size=16).info
+    assert info.source == str(tmp_path / "photos") and Path(info.source).is_absolute()
+    monkeypatch.chdir("/")
+    assert load_dataset_like(info).info.class_names == ["circle", "square", "stripes"]
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    with pytest.raises(PapmError, match="data folder .*photos .* is not a folder here.*give --data-root"):
+        load_dataset_like(info)
+    assert len(load_dataset_like(info, root=tmp_path / "moved").test) == 18
+    from papm.shared.checkpoint import save_checkpoint
+    from papm.shared.models import ResNet18, model_args
+
+    save_checkpoint(tmp_path / "base.pt", ResNet18(3, 3, 0.125), model_args(3, 3, 0.125), info, kind="base")
+    with pytest.raises(PapmError, match="was trained on .*photos, which is not a folder here.*set data-root"):
+        resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={tmp_path / 'base.pt'}"]))
+    moved = resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={tmp_path / 'base.pt'}", f"data-root={tmp_path / 'moved'}"]))
+    assert moved.data_root == str(tmp_path / "moved") and moved.image_size == 16
 
 
 def test_a_photo_stored_sideways_reads_upright(tmp_path):
@@ -188,6 +214,9 @@ def test_run_inputs_come_from_the_checkpoint(tmp_path, base_ckpt):
         with pytest.raises(PapmError, match=f"{key}={value} conflicts with base-checkpoint"):
             resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}", f"{key}={value}"]))
     assert resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}", "image-size=8"])).image_size == 8
+    assert cfg.width == 0.125  # the checkpoint's (reported in summary.md), not the 0.25 default; another value is refused
+    with pytest.raises(PapmError, match=r"width=0.5 conflicts with base-checkpoint .* \(width 0.125\)"):
+        resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}", "width=0.5"]))
     plain = resolve_run_inputs(RunConfig())
     assert (plain.dataset, plain.image_size, plain.channels) == ("digits", 8, 1)
     tree = resolve_run_inputs(RunConfig.from_overrides(["dataset=imagefolder", "data-root=x"]))
@@ -263,6 +292,13 @@ def test_devices_with_their_own_trees_end_to_end(tmp_path, size, channels, head)
     Image.fromarray(np.full((300, 200, 3), 128, np.uint8)).save(photo)
     r = run_papm("infer", run / "bundle", photo, "--json")
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["top_k"], r.stderr
+    if channels == 1:  # the coordinator's data moved since: `papm export` says so in one line, and --data-root finds it
+        root.rename(tmp_path / "moved")
+        r = run_papm("export", run, "--out", tmp_path / "b2", cwd=tmp_path)
+        assert r.returncode == 2 and "give --data-root" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        assert not (tmp_path / "b2").exists()
+        r = run_papm("export", run, "--out", tmp_path / "b2", "--data-root", tmp_path / "moved", cwd=tmp_path)
+        assert r.returncode == 0 and (tmp_path / "b2" / "manifest.json").is_file(), r.stderr[-2000:]
 
 
 def test_a_device_with_other_classes_is_refused_in_one_line(tmp_path):

@@ -81,7 +81,8 @@ def test_resume_after_a_phase_does_not_recompute_it(tmp_path):
     saved = json.loads((run / "config.json").read_text())
     del saved["kd-weight"]
     (run / "config.json").write_text(json.dumps(saved))
-    r = run_papm("simulate", *fast, "--run-dir", run, "--resume", cwd=tmp_path)
+    # `--run-dir R --resume` alone: the settings are the run's own (not the defaults), its stop-after is not
+    r = run_papm("simulate", "--run-dir", run, "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "without config key(s) kd-weight: the phases still to run use kd-weight=0.5" in r.stderr, r.stderr[-3000:]
     assert json.loads((run / "config.json").read_text())["kd-weight"] == 0.5  # saved now: said once

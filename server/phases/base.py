@@ -63,4 +63,4 @@ def run(d: RunDriver) -> None:
             d.rd.save_progress("base", {"round": rnd + 1, "model": model.state_dict()})
             log(INFO, "base round %d/%d: %d nodes, loss %.4f, test accuracy %.4f", rnd + 1, cfg.base_rounds, len(replies), loss, acc)
     save_checkpoint(d.rd.base_file, model, args, info, kind="base",
-                    meta={"source": cfg.base_checkpoint or "fedavg", "rounds": cfg.base_rounds})
+                    meta={"source": cfg.base_checkpoint or "fedavg", "rounds": 0 if cfg.base_checkpoint else cfg.base_rounds})
