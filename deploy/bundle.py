@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +229,12 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     inp = m["input"]
     if not isinstance(inp, dict) or not is_int(inp.get("channels")) or not is_int(inp.get("image_size")):
         return "input.channels and input.image_size must be integers"
+    if inp["channels"] not in (1, 3) or not 8 <= inp["image_size"] <= 512:
+        return f"input.channels must be 1 or 3 and input.image_size 8 to 512 (got {inp['channels']} and {inp['image_size']})"
     if not (is_num_list(inp.get("mean")) and is_num_list(inp.get("std")) and len(inp["mean"]) == len(inp["std"]) == inp["channels"]):
         return "input.mean and input.std must be one number per channel"
+    if not all(math.isfinite(v) for v in inp["mean"]) or not all(math.isfinite(v) and v > 0 for v in inp["std"]):
+        return f"input.mean must be finite and input.std finite and > 0 (got std {inp['std']})"
     if not isinstance(m["parts"], list) or not m["parts"]:
         return "parts must be a non-empty list"
     for i, part in enumerate(m["parts"]):

@@ -160,7 +160,7 @@ class EdgeRuntime:
         head = self.bundle.manifest["head"]
         sess = self._session("head", head["files"]["fp32"])
         cat = np.concatenate([np.asarray(f, dtype=np.float32) for f in features], axis=1)
-        return sess.run(None, {head["input_name"]: cat})[0]
+        return self._checked_logits(sess.run(None, {head["input_name"]: cat})[0], "head")
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.fuse([self.part_features(k, x) for k in range(self.num_parts)])
@@ -171,7 +171,15 @@ class EdgeRuntime:
         if not base:
             raise PapmError(f"{self.bundle.path} has no base model; re-export it with `papm export`")
         entry = base["files"].get(self.precision) or base["files"]["fp32"]
-        return self._session("base", entry).run(None, {base["input_name"]: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self._checked_logits(
+            self._session("base", entry).run(None, {base["input_name"]: np.ascontiguousarray(x, dtype=np.float32)})[0], "base model")
+
+    def _checked_logits(self, logits: np.ndarray, what: str) -> np.ndarray:
+        """One score per class the manifest names (an edited class list would mislabel or crash the top-k)."""
+        if logits.ndim != 2 or logits.shape[1] != len(self.bundle.class_names):
+            raise PapmError(f"{self.bundle.path}: the {what} scores {logits.shape[-1]} classes but manifest.json names "
+                            f"{len(self.bundle.class_names)}; the manifest was edited or mixed with another bundle, re-export it")
+        return logits
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[dict]]:
         names = self.bundle.class_names

@@ -66,13 +66,18 @@ def test_kit_folder_that_is_a_file(tmp_path):
     ("class_names", [1, 2], "class_names"),
     ("input", {"channels": "3", "image_size": 8}, "input.channels"),
     ("head", {"feature_size": 10, "input_name": "features", "files": {}}, "head.files"),
+    # edited values (a callable edits the field as exported)
+    ("class_names", lambda names: names[:2], "the head scores 10 classes but manifest.json names 2"),
+    ("input", lambda i: {**i, "std": [0.0]}, "input.std finite and > 0"),
+    ("input", lambda i: {**i, "mean": [float("nan")]}, "input.mean must be finite"),
+    ("input", lambda i: {**i, "image_size": 0}, "input.image_size 8 to 512"),
 ])
 def test_manifest_with_wrongly_typed_fields(tmp_path, field, value, needle, exported):
     bundle = tmp_path / "bundle"
     shutil.copytree(exported[1], bundle)
     (bundle / "manifest.sig").unlink(missing_ok=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest[field] = value
+    manifest[field] = value(manifest[field]) if callable(value) else value
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     png = tmp_path / "x.png"
     from PIL import Image
