@@ -132,7 +132,9 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     if force and run.path.exists():
         run.clear()  # only a run's own files, only in a folder marked as a run; anything else is refused
     elif run.exists():
-        if not resume:
+        if not resume and run.is_run() and run.nothing_computed():
+            run.clear()  # what a failed start wrote (no phase, no round): the corrected command starts afresh
+        elif not resume:
             raise PapmError(run.taken_message())
         else:
             diff = run.read_config().differences(cfg)

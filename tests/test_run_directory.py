@@ -255,3 +255,27 @@ def test_errors_table_splits_mistakes_by_group():
     grown = [line for line in lines if line.startswith("- ")]
     assert grown == ["- a taken for c: 1 -> 4 (+3, between groups)", "- b taken for a: 0 -> 2 (+2, one group)"]
     assert errors_table(info, {"base": {}, "fusion": {}, "devices": []}) == []  # runs from before the counts were kept
+
+
+def test_a_start_that_computed_nothing_does_not_block_the_corrected_command(tmp_path):
+    """A start that failed before its first result (a refused checkpoint, nodes that never answered) wrote only the
+    marker, config and state: the corrected command starts there afresh without --force. A folder with a completed
+    phase or a saved round still needs --resume or --force, and files papm did not write are never touched."""
+    from papm.shared.checkpoint import resolve_run_inputs
+
+    run = tmp_path / "run"
+    first = resolve_run_inputs(RunConfig.from_overrides([f"run-dir={run}", "budget=0.5"]))
+    RunDirectory(run).start(first, resume=False)
+    (run / "notes.txt").write_text("mine")
+    corrected = resolve_run_inputs(RunConfig.from_overrides([f"run-dir={run}", "budget=0.6"]))
+    assert RunDirectory(run).start(corrected, resume=False) == []
+    assert json.loads((run / "config.json").read_text())["budget"] == 0.6 and (run / "notes.txt").read_text() == "mine"
+    rd = RunDirectory(run)
+    rd.save_progress("base", {"round": 1})  # a saved round is a result
+    with pytest.raises(Exception, match="already holds a run"):
+        RunDirectory(run).start(first, resume=False)
+    rd.clear_progress("base")
+    rd.mark_done("base")
+    with pytest.raises(Exception, match="already holds a run"):
+        RunDirectory(run).start(first, resume=False)
+    assert json.loads((run / "config.json").read_text())["budget"] == 0.6
