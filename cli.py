@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_deploy_parser(sub)
     add_doctor_parser(sub)
+    parser.commands = sub.choices  # name -> its parser: an unknown option is reported with its command's help
     return parser
 
 
@@ -224,7 +225,10 @@ COMMANDS = {"node": cmd_node, "suite": cmd_suite, "report": cmd_report, "doctor"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # one line that points at `papm <command> --help`, not the top level's
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from .shared.errors import PapmError
 
     try:

@@ -88,6 +88,8 @@ def export_run(
     out = Path(out) if out is not None else run_dir / "bundle"
     if not run_dir.is_dir():
         raise PapmError(f"run directory not found: {run_dir}; create one with `papm simulate`")
+    if not (run_dir / "base.pt").is_file() and not (run_dir / "state.json").is_file():
+        raise PapmError(f"{run_dir} is not a run directory (no base.pt or state.json); give a folder `papm simulate` wrote")
     if out.exists() and not out.is_dir():
         raise PapmError(f"{out} is a file; give --out a folder for the bundle")
     if out.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out.resolve()):
@@ -105,7 +107,7 @@ def export_run(
             if (out / "manifest.sig").exists() and not sign_key:
                 raise PapmError(f"{out} is signed; give --sign-key (or --new-key) to sign the new bundle, or --out elsewhere")
     if calib_samples < 1:
-        raise PapmError(f"--calib-samples must be >= 1, got {calib_samples}")
+        raise PapmError(f"--calib-samples must be >= 1, got {calib_samples}; give a positive count (default 256)")
     base, info, _ = load_checkpoint(run_dir / "base.pt")
     head, _, head_raw = load_head(run_dir / "fusion" / "head.pt")
     devices = head_raw.get("meta", {}).get("devices")

@@ -57,6 +57,8 @@ def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
             raise PapmError(f"{path}: x must be uint8 (N, {want[0]}, {want[1]}, {want[2]}) with N labels y, "
                             f"got x {x.dtype}{tuple(x.shape)} and {len(y)} labels")
         return x, y.astype(np.int64)
+    if path.is_file():
+        raise PapmError(f"test data {path} is neither an .npz nor a folder; give an ImageFolder-style folder or an .npz")
     if not path.is_dir():
         raise PapmError(f"test data not found: {path}; give an ImageFolder-style folder or an .npz")
     root = path / "test" if (path / "test").is_dir() else path
@@ -70,7 +72,8 @@ def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
         files += found
         labels += [names.index(d.name)] * len(found)
     if not files:
-        raise PapmError(f"{root} holds no class folders with images")
+        raise PapmError(f"{root} holds no class folders with images; give a folder with one subfolder of images per class "
+                        "(named as the bundle's classes), or an .npz")
     return rt.load_images(files), np.asarray(labels, dtype=np.int64)
 
 

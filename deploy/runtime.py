@@ -57,7 +57,8 @@ def expand_inputs(paths: Iterable[Path | str]) -> list[Path]:
         if p.is_dir():
             found = image_files(p)
             if not found:
-                raise PapmError(f"{p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise PapmError(f"{p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give image files or a folder "
+                                "that holds some")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -205,6 +206,9 @@ class EdgeRuntime:
                             f"got {len(paths)}")
         feats = []
         for k, (p, d) in enumerate(zip(paths, sizes)):
+            if Path(p).suffix.lower() in IMAGE_SUFFIXES:  # images given to --fuse: numpy's message would not say so
+                raise PapmError(f"{p} is an image, not a feature file; --fuse takes the .npy files of `papm infer BUNDLE "
+                                f"--part K IMAGES --out fK.npy` (to classify images, give them without --fuse)")
             try:
                 a = np.load(p, allow_pickle=False)
             except (OSError, ValueError) as e:

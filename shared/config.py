@@ -147,8 +147,9 @@ class RunConfig:
     # ---- checks and forms -----------------------------------------------------------
     def validate(self) -> "RunConfig":
         def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise PapmError(msg)
+            if not cond:  # the problem names the key and its allowed values; the fix says where keys are set
+                raise PapmError(msg if "; " in msg else f"{msg}; set a valid value (--set KEY=VALUE or the config file; "
+                                "`papm simulate --show-config` lists every key)")
 
         need(self.dataset in ("", "digits", "cifar10", "imagefolder"),
              f"dataset must be digits, cifar10 or imagefolder (or empty: the base checkpoint's), got {self.dataset!r}")
@@ -253,7 +254,7 @@ class RunConfig:
 def read_table_file(path: Path, what: str, holds: str) -> dict:
     """The top-level table of a TOML or YAML file (by suffix); every failure is one error naming ``what``."""
     if not path.is_file():
-        raise PapmError(f"{what} not found: {path}")
+        raise PapmError(f"{what} not found: {path}; check the path (relative paths start in the current folder)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -236,7 +236,7 @@ def load_dataset(
     ``test/`` (the coordinator's); other datasets always load both.
     """
     if not 0.0 <= val_fraction < 0.5:
-        raise PapmError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+        raise PapmError(f"val_fraction must be in [0, 0.5), got {val_fraction}; give a fraction below 0.5 (e.g. 0.1)")
     if name not in DATASETS:
         raise PapmError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     native_c, native_s = NATIVE_SHAPE[name]

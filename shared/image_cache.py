@@ -64,7 +64,8 @@ def read_image_folder(folder: Path, classes: list[str], in_channels: int, image_
 
     files = list_images(folder, classes)
     if not files:
-        raise PapmError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise PapmError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put each class's images in "
+                        f"{folder}/<class>/")
     labels = np.asarray([c for _, c in files], dtype=np.int64)
     where = cache_dir()
     path = where / f"{cache_key(folder, classes, files, in_channels, image_size)}.npy" if where else None

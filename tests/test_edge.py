@@ -354,5 +354,9 @@ def test_feature_file_of_wrong_size(exported, pngs, tmp_path):
     assert "f1.npy" in line and str(m["parts"][1]["feature_size"]) in line
     line = only_error_line(edge("infer", bundle, "--fuse", *files[:2], "--verify-key", pub))
     assert "needs 3 feature files" in line
+    line = only_error_line(edge("infer", bundle, "--fuse", files[0], pngs[1][0], files[2], "--verify-key", pub))
+    assert "is an image, not a feature file" in line and "without --fuse" in line
+    line = only_error_line(edge("bench", bundle, "--test-dir", files[0], "--runs", 1, "--verify-key", pub))
+    assert "neither an .npz nor a folder" in line
     line = only_error_line(edge("infer", bundle, "--part", 7, pngs[1][0], "--out", tmp_path / "x.npy", "--verify-key", pub))
     assert "--part 7" in line
