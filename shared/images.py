@@ -86,9 +86,26 @@ def load_image(path: Path | str, in_channels: int, image_size: int) -> np.ndarra
         raise PapmError(f"cannot read image {path}: {e}; remove or replace the file") from None
 
 
-def _load_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
+def _load_chunk(args: tuple[list[str], int, int]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(the images, (path, error) of each file that could not be read: its slot stays black)."""
     paths, in_channels, image_size = args
-    return np.stack([load_image(p, in_channels, image_size) for p in paths])
+    out = np.zeros((len(paths), in_channels, image_size, image_size), dtype=np.uint8)
+    failed = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = load_image(p, in_channels, image_size)
+        except PapmError as e:
+            failed.append((p, str(e)))
+    return out, failed
+
+
+def _raise_unreadable(failed: list[tuple[str, str]], total: int) -> None:
+    """Every unreadable file of a folder in one line (one run to clean a tree, not one run per bad file)."""
+    if len(failed) == 1:
+        raise PapmError(failed[0][1])
+    shown = ", ".join(p for p, _ in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    first = failed[0][1].rsplit("; ", 1)[0]  # its own fix is the one below
+    raise PapmError(f"cannot read {len(failed)} of {total} images: {shown} (the first: {first}); remove or replace those files")
 
 
 def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, workers: int | None = None,
@@ -103,22 +120,29 @@ def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, 
     chunk = 256 if len(paths) >= 4 * workers * 256 else max(1, -(-len(paths) // (4 * workers)))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     if workers == 1 or len(paths) < min_parallel:  # starting processes costs more than it saves on a small set
-        parts = []
+        parts, failed = [], []
         for c in chunks:
-            parts.append(_load_chunk((c, in_channels, image_size)))
+            part, bad = _load_chunk((c, in_channels, image_size))
+            parts.append(part)
+            failed += bad
             if progress:
                 progress(len(c))
+        if failed:
+            _raise_unreadable(failed, len(paths))
         return np.concatenate(parts)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the caller may run threads (Flower, Ray) that a fork would copy half-way
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = []
-        for c, part in zip(chunks, pool.map(_load_chunk, [(c, in_channels, image_size) for c in chunks])):
+        parts, failed = [], []
+        for c, (part, bad) in zip(chunks, pool.map(_load_chunk, [(c, in_channels, image_size) for c in chunks])):
             parts.append(part)
+            failed += bad
             if progress:
                 progress(len(c))
+    if failed:
+        _raise_unreadable(failed, len(paths))
     return np.concatenate(parts)
 
 

@@ -78,6 +78,26 @@ def test_parallel_decoding_gives_the_same_arrays(tmp_path):
     assert serial.shape == (24, 3, 32, 32) and np.array_equal(serial, parallel)
 
 
+def test_every_unreadable_photo_is_named_in_one_line(tmp_path):
+    """A tree with several broken files (empty, truncated, not an image) is cleaned in one run: the error names them
+    all, decoded in one process or several; a single broken file keeps its own message."""
+    root = write_pattern_folder(tmp_path / "data", per_class=8, size=36, parts=("train",))
+    files = sorted((root / "train").rglob("*.png"))
+    (root / "train" / "circle" / "empty.png").write_bytes(b"")
+    (root / "train" / "square" / "cut.png").write_bytes(files[0].read_bytes()[:60])
+    (root / "train" / "stripes" / "notes.png").write_text("not an image")
+    bad = sorted(str(p) for p in (root / "train").rglob("*.png") if p not in files)
+    everything = sorted((root / "train").rglob("*.png"))
+    for kw in ({"workers": 1}, {"workers": 2, "min_parallel": 1}):
+        with pytest.raises(PapmError) as e:
+            load_images(everything, 3, 32, **kw)
+        message = str(e.value)
+        assert message.startswith(f"cannot read 3 of {len(everything)} images: ") and all(b in message for b in bad)
+        assert message.endswith("remove or replace those files")
+    with pytest.raises(PapmError, match=r"cannot read image .*empty.png: .*; remove or replace the file"):
+        load_images(files + [root / "train" / "circle" / "empty.png"], 3, 32, workers=1)
+
+
 def test_16_bit_grey_images_keep_their_contrast(tmp_path):
     """Pillow's convert("L") turns every 16-bit value above 255 white; a 16-bit scan must read as its top 8 bits,
     at every size and as grey or RGB, the same as the 8-bit file it would be saved as."""
