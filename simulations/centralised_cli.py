@@ -155,11 +155,14 @@ def run_train(args) -> int:
                         "lower --lr and train again (nothing was saved)")
     val_acc = evaluate(model, splits.val, info, device)["accuracy"]
     test = evaluate(model, splits.test, info, device)
-    meta = {"history": history, "val_accuracy": val_acc, "test_accuracy": test["accuracy"],
+    meta = {"history": history, "val_accuracy": val_acc, "test_accuracy": test["accuracy"] if len(splits.test) else None,
             "per_class_test_accuracy": {info.class_names[c]: a for c, a in test["per_class"].items()},
             "train_settings": vars(settings).copy()}
     save_checkpoint(out, model, margs, info, kind="base", meta=meta)
-    print(f"val accuracy {val_acc:.4f}  test accuracy {test['accuracy']:.4f}")
+    if len(splits.test):
+        print(f"val accuracy {val_acc:.4f}  test accuracy {test['accuracy']:.4f}")
+    else:  # a tree with train/ only: the validation split is all there is to report
+        print(f"val accuracy {val_acc:.4f}  (no test split: {args.data_root}/test/<class>/ is missing, test accuracy not measured)")
     print(f"saved {out}")
     return 0
 

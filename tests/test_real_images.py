@@ -140,6 +140,14 @@ def test_a_checkpoint_names_its_data_folder_from_anywhere(tmp_path, monkeypatch)
     assert moved.data_root == str(tmp_path / "moved") and moved.image_size == 16
 
 
+def test_training_on_a_tree_without_test_split_says_so(tmp_path):
+    root = write_pattern_folder(tmp_path / "photos", per_class=8, size=16, parts=("train",))
+    r = run_papm("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "16", "--width", "0.125",
+                 "--epochs", "1", "--out", tmp_path / "base.pt", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "test accuracy not measured" in r.stdout and "nan" not in r.stdout and (tmp_path / "base.pt").is_file()
+
+
 def test_a_photo_stored_sideways_reads_upright(tmp_path):
     """A phone stores a portrait photo sideways with an EXIF Orientation tag; training and `papm infer` read it as
     its owner's viewer shows it, every orientation (2-8) alike; an untagged file or tag 1 reads as stored."""
