@@ -104,8 +104,8 @@ def export_run(
             raise PapmError(f"{out} already exists; pass --force to replace the bundle or choose another --out")
         if own and not from_run:
             int8 = int8 or any("int8" in p.get("files", {}) for p in old.get("parts", []))  # add, never drop, precisions
-            if (out / "manifest.sig").exists() and not sign_key:
-                raise PapmError(f"{out} is signed; give --sign-key (or --new-key) to sign the new bundle, or --out elsewhere")
+        if not from_run and (out / "manifest.sig").exists() and not sign_key:  # --force included: devices verify it
+            raise PapmError(f"{out} is signed; give --sign-key (or --new-key) to sign the new bundle, or --out elsewhere")
     if calib_samples < 1:
         raise PapmError(f"--calib-samples must be >= 1, got {calib_samples}; give a positive count (default 256)")
     base, info, _ = load_checkpoint(run_dir / "base.pt")

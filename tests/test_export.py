@@ -221,6 +221,9 @@ def test_export_refuses_to_overwrite_without_force(exported, tmp_path):
     line = one_error_line(run_export_cli(run, "--out", other))
     assert "already exists" in line and "--force" in line
     assert (other / "manifest.json").read_bytes() == before
+    # and a signed one, even with --force, only by a signed one (devices that verify would refuse an unsigned one)
+    line = one_error_line(run_export_cli(run, "--out", other, "--force"))
+    assert "is signed" in line and "--sign-key" in line and (other / "manifest.json").read_bytes() == before
 
 
 def test_export_of_an_incomplete_run_dir(tmp_path, exported):
