@@ -90,7 +90,8 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool =
     if "bundle" in ev:
         acc = ev["bundle"]["accuracy"]
         lines += ["", "## Edge bundle (ONNX Runtime, test split)", "",
-                  f"`bundle/` (manifest.json with sha256 of every file; PyTorch vs ONNX max |diff| {ev['bundle']['max_abs_diff']:.2e}).", "",
+                  f"`bundle/` (manifest.json with sha256 of every file; PyTorch vs ONNX max |diff| {ev['bundle']['max_abs_diff']:.2e}, "
+                  "each file within its tolerance in `bundle/parity.json`).", "",
                   "| precision | split model | unsplit base |", "|---|---:|---:|"]
         for precision in ("fp32", "int8"):
             if precision in acc:
