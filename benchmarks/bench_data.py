@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="bench-data-cache-")
     os.environ["PAPM_CACHE_DIR"] = cache
     from papm.shared import image_cache
-    from papm.shared.datasets import _class_folders
+    from papm.shared.images import class_folders
     from papm.shared.images import load_images
 
     folder = Path(args.data_root) / args.split
-    classes = _class_folders(folder)
+    classes = class_folders(folder)
     files = [f for f, _ in image_cache.list_images(folder, classes)]
     try:
         t0 = time.perf_counter()

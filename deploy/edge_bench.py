@@ -62,10 +62,10 @@ def load_test_data(path: Path | str, rt) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_dir():
         raise PapmError(f"test data not found: {path}; give an ImageFolder-style folder or an .npz")
     root = path / "test" if (path / "test").is_dir() else path
-    from ..shared.images import image_files
+    from ..shared.images import class_folders, image_files
 
     files, labels = [], []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # as training reads them
+    for d in (root / name for name in class_folders(root)):  # as training reads them
         if d.name not in names:
             raise PapmError(f"{d} is not a class of this bundle ({names}); name the class folders after the classes")
         found = image_files(d)

@@ -9,13 +9,14 @@ the very code training uses, so pixels reach the model exactly as in training.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..shared.cpu import cpus_restricted, usable_cpus
+from ..shared.cpu import usable_cpus
 from ..shared.errors import PapmError
 from ..shared.images import IMAGE_SUFFIXES, image_files, load_image, normalise_array
 from .bundle import Bundle
@@ -30,9 +31,10 @@ def make_session(model: Path | str | bytes, threads: int | None = None, name: st
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if not threads and cpus_restricted():
+    usable = usable_cpus()
+    if not threads and usable < (os.cpu_count() or 1):
         # ORT would size its pool to the host and pin threads to cores outside the cpuset (pthread_setaffinity_np fails)
-        threads = usable_cpus()
+        threads = usable
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1

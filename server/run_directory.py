@@ -142,8 +142,8 @@ class RunDirectory:
         """Create or reopen the run; returns the completed phases. Refuses a different config. ``new_keys``: the
         config keys the run's saved config lacks (a run started by an older version), with the values they take."""
         self.new_keys: dict[str, Any] = {}
-        if self.exists() and not resume and self.is_run() and self.nothing_computed():
-            self.clear()  # a start that failed before its first result (a refused checkpoint, lost nodes): begin afresh
+        if not resume:
+            self.discard_failed_start()
         if self.exists():
             saved = self.saved_settings()
             old = RunConfig.from_mapping(saved, source=str(self.config_file))
@@ -166,14 +166,20 @@ class RunDirectory:
         atomic_write_json(self.state_file, state)
         return list(state["completed"])
 
-    def nothing_computed(self) -> bool:
-        """No phase completed and no round saved: the folder holds only what a failed start wrote."""
+    def discard_failed_start(self) -> bool:
+        """Clear a marked run where no phase completed and no round was saved: it holds only what a start that failed
+        before its first result wrote (a refused checkpoint, lost nodes), so a corrected command may begin afresh."""
+        if not (self.exists() and self.is_run()):
+            return False
         try:
             completed = self.state().get("completed", [])
         except PapmError:
             return False
         progress = self.path / "progress"
-        return not completed and not (progress.is_dir() and any(progress.iterdir()))
+        if completed or (progress.is_dir() and any(progress.iterdir())):
+            return False
+        self.clear()
+        return True
 
     def read_config(self) -> RunConfig:
         return RunConfig.from_mapping(self.saved_settings(), source=str(self.config_file))

@@ -71,11 +71,6 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def cpus_restricted() -> bool:
-    """True when this process may use fewer CPUs than the machine has (a library's own default would oversubscribe)."""
-    return usable_cpus() < (os.cpu_count() or 1)
-
-
 def cgroup_cpu_limit(root: Path | str = "/sys/fs/cgroup", proc_cgroup: Path | str = "/proc/self/cgroup") -> float | None:
     """This process's cgroup CPU quota in CPUs (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``),
     the tightest along its cgroup path; None where there is no quota or no cgroup file system (not Linux)."""
@@ -126,6 +121,7 @@ def fit_torch_threads() -> int:
     OMP_NUM_THREADS chose them; returns the thread count. Imports torch: for the training side only."""
     import torch
 
-    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > usable_cpus():
-        torch.set_num_threads(usable_cpus())
+    usable = usable_cpus()
+    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > usable:
+        torch.set_num_threads(usable)
     return torch.get_num_threads()

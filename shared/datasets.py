@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import PapmError
-from .images import fit_array
+from .images import class_folders, fit_array
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 DIGITS_TEST_SEED = 20240501  # fixed: the digits test split must never move
@@ -182,7 +182,7 @@ def _load_cifar10(root: Path, download: bool):
         train = CIFAR10(str(root), train=True, download=download)
         test = CIFAR10(str(root), train=False, download=download)
     except RuntimeError as e:
-        if (root / "train").is_dir() and _class_folders(root / "train"):  # a common mix-up: unpacked JPEG folders
+        if (root / "train").is_dir() and class_folders(root / "train"):  # a common mix-up: unpacked JPEG folders
             raise PapmError(f"{root} holds an ImageFolder tree (train/<class>/), not torchvision's CIFAR-10 files; "
                             "read it as dataset imagefolder (--dataset imagefolder, or --set dataset=imagefolder)") from None
         raise PapmError(
@@ -194,9 +194,6 @@ def _load_cifar10(root: Path, download: bool):
             (to_x(test.data), np.asarray(test.targets, dtype=np.int64)), list(train.classes))
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
 
 def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tuple[str, ...]):
     """The asked ``parts`` of an ImageFolder tree (``train`` and/or ``test``); a missing part is None."""
@@ -207,11 +204,11 @@ def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tupl
         raise PapmError(f"{root} is not an ImageFolder tree: it needs a train/<class>/ folder of images")
     if "test" in parts and "train" not in parts and "test" not in wanted:
         raise PapmError(f"{root} has no test/<class>/ folders; the coordinator evaluates on ROOT/test")
-    classes = _class_folders(root / wanted[0])
+    classes = class_folders(root / wanted[0])
     if len(classes) < 2:
         raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); at least 2 are needed")
-    if len(wanted) == 2 and _class_folders(root / "test") != classes:
-        raise PapmError(f"{root}/test has classes {_class_folders(root / 'test')} but train has {classes}; make them the same")
+    if len(wanted) == 2 and class_folders(root / "test") != classes:
+        raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
     loaded = {p: read_image_folder(root / p, classes, in_channels, image_size) for p in wanted}
     return loaded.get("train"), loaded.get("test"), classes
 

@@ -8,6 +8,7 @@ orientation); ``normalise_array`` matches the training normalisation.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +19,11 @@ from .errors import PapmError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 64_000_000  # larger images are refused (a decompression bomb), not decoded
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The class names of an ImageFolder split: its sub-folders, hidden ones (``.ipynb_checkpoints``) left out."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -119,24 +125,19 @@ def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, 
     workers = workers or usable_cpus()
     chunk = 256 if len(paths) >= 4 * workers * 256 else max(1, -(-len(paths) // (4 * workers)))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    if workers == 1 or len(paths) < min_parallel:  # starting processes costs more than it saves on a small set
-        parts, failed = [], []
-        for c in chunks:
-            part, bad = _load_chunk((c, in_channels, image_size))
-            parts.append(part)
-            failed += bad
-            if progress:
-                progress(len(c))
-        if failed:
-            _raise_unreadable(failed, len(paths))
-        return np.concatenate(parts)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    jobs = [(c, in_channels, image_size) for c in chunks]
+    parts, failed = [], []
+    with contextlib.ExitStack() as stack:
+        if workers == 1 or len(paths) < min_parallel:  # starting processes costs more than it saves on a small set
+            results = map(_load_chunk, jobs)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: the caller may run threads (Flower, Ray) that a fork would copy half-way
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts, failed = [], []
-        for c, (part, bad) in zip(chunks, pool.map(_load_chunk, [(c, in_channels, image_size) for c in chunks])):
+            # spawn, not fork: the caller may run threads (Flower, Ray) that a fork would copy half-way
+            results = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
+                                                              mp_context=multiprocessing.get_context("spawn"))).map(_load_chunk, jobs)
+        for c, (part, bad) in zip(chunks, results):
             parts.append(part)
             failed += bad
             if progress:

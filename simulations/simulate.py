@@ -131,18 +131,16 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     run = RunDirectory(cfg.run_dir)
     if force and run.path.exists():
         run.clear()  # only a run's own files, only in a folder marked as a run; anything else is refused
-    elif run.exists():
-        if not resume and run.is_run() and run.nothing_computed():
-            run.clear()  # what a failed start wrote (no phase, no round): the corrected command starts afresh
-        elif not resume:
+    elif run.exists() and not resume:
+        if not run.discard_failed_start():  # what a start that computed nothing wrote is cleared; anything more is kept
             raise PapmError(run.taken_message())
-        else:
-            diff = run.read_config().differences(cfg)
-            if diff:
-                raise PapmError(f"{run.path} was started with a different config ({', '.join(diff)} differ); "
-                                "resume with the same config or choose another --run-dir")
-            if all(run.is_done(p) for p in _expected(cfg)):
-                return run.path  # finished: nothing to run, no Flower or Ray to start
+    elif run.exists():
+        diff = run.read_config().differences(cfg)
+        if diff:
+            raise PapmError(f"{run.path} was started with a different config ({', '.join(diff)} differ); "
+                            "resume with the same config or choose another --run-dir")
+        if all(run.is_done(p) for p in _expected(cfg)):
+            return run.path  # finished: nothing to run, no Flower or Ray to start
     elif resume:
         raise PapmError(f"nothing to resume: {run.path} holds no run; drop --resume to start one")
     else:

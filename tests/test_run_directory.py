@@ -276,6 +276,7 @@ def test_a_start_that_computed_nothing_does_not_block_the_corrected_command(tmp_
         RunDirectory(run).start(first, resume=False)
     rd.clear_progress("base")
     rd.mark_done("base")
+    assert not rd.discard_failed_start()
     with pytest.raises(Exception, match="already holds a run"):
         RunDirectory(run).start(first, resume=False)
     assert json.loads((run / "config.json").read_text())["budget"] == 0.6
