@@ -122,6 +122,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace, bundle) -> int:
+    from ..shared.images import unreadable_error
     from .runtime import EdgeRuntime, expand_inputs, softmax
 
     rt = EdgeRuntime(bundle, args.precision, args.threads)
@@ -136,9 +137,16 @@ def _infer(args: argparse.Namespace, bundle) -> int:
     files = expand_inputs(args.inputs)
     if args.part is not None:
         rt.part_entry(args.part)  # range check before reading any image
-        chunks = [rt.part_features(args.part, rt.normalise(rt.load_images(files[i : i + args.batch_size])))
-                  for i in range(0, len(files), args.batch_size)]
         from ..shared.files import atomic_write_bytes
+
+        chunks, bad_files = [], []
+        for i in range(0, len(files), args.batch_size):  # decode on after a bad file: one error names them all
+            x, bad = rt.read_images(files[i : i + args.batch_size])
+            bad_files += bad
+            if not bad_files:
+                chunks.append(rt.part_features(args.part, rt.normalise(x)))
+        if bad_files:  # rows must line up across every device's feature file: no file with holes
+            raise unreadable_error(bad_files, len(files))
 
         features = np.concatenate(chunks).astype(np.float32)
         out = Path(args.out)
@@ -148,9 +156,13 @@ def _infer(args: argparse.Namespace, bundle) -> int:
               file=sys.stderr)
         return 0
 
-    for path, probs in rt.predict_files(files, args.batch_size, False if args.quiet else None):
+    unreadable: list[tuple[str, str]] = []  # one bad photo in a folder does not cost the others their predictions
+    for path, probs in rt.predict_files(files, args.batch_size, False if args.quiet else None, unreadable):
         top = rt.top_k(probs[None], args.top_k)[0]
         _print_line(json.dumps({"image": str(path), "top_k": top}) if args.json else f"{path}: {_format_top(top)}")
+    if unreadable:
+        raise PapmError(f"predicted {len(files) - len(unreadable)} of {len(files)} images; "
+                        f"{unreadable_error(unreadable, len(files))}")
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..shared.cpu import usable_cpus
 from ..shared.errors import PapmError
-from ..shared.images import IMAGE_SUFFIXES, image_files, load_image, normalise_array
+from ..shared.images import IMAGE_SUFFIXES, image_files, normalise_array, read_images, unreadable_error
 from .bundle import Bundle
 
 PRECISIONS = ("fp32", "int8")
@@ -137,16 +137,17 @@ class EdgeRuntime:
         return [int(p["feature_size"]) for p in self.bundle.parts]
 
     # ---- preprocessing ---------------------------------------------------------------------
+    def read_images(self, paths: Sequence[Path | str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """Image files -> (uint8 (N, C, S, S) decoded and resized exactly as in training, (path, problem) of each
+        file that could not be read: its slot stays black)."""
+        return read_images(paths, self.in_channels, self.image_size)
+
     def load_images(self, paths: Sequence[Path | str]) -> np.ndarray:
-        """Image files -> uint8 (N, C, S, S), decoded and resized exactly as in training."""
-        want = (self.in_channels, self.image_size, self.image_size)
-        arrays = []
-        for p in paths:
-            a = load_image(p, self.in_channels, self.image_size)
-            if a.shape != want:
-                raise PapmError(f"image {p} decodes to shape {a.shape}, the model needs {want}; replace the file")
-            arrays.append(a)
-        return np.stack(arrays)
+        """Image files -> uint8 (N, C, S, S); every unreadable file named in one error."""
+        x, failed = self.read_images(paths)
+        if failed:
+            raise unreadable_error(failed, len(paths))
+        return x
 
     def normalise(self, x_uint8: np.ndarray) -> np.ndarray:
         return normalise_array(x_uint8, self.mean, self.std)
@@ -190,15 +191,24 @@ class EdgeRuntime:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[{"class": names[c], "index": int(c), "prob": float(p[c])} for c in row] for p, row in zip(probs, order)]
 
-    def predict_files(self, paths: Sequence[Path], batch_size: int = 64, show_progress: bool | None = None) -> Iterator[tuple[Path, np.ndarray]]:
-        """(path, probabilities) for every image, in batches (a bar on a terminal for long lists)."""
+    def predict_files(self, paths: Sequence[Path], batch_size: int = 64, show_progress: bool | None = None,
+                      unreadable: list[tuple[str, str]] | None = None) -> Iterator[tuple[Path, np.ndarray]]:
+        """(path, probabilities) for every readable image, in batches (a bar on a terminal for long lists); a file
+        that cannot be read does not stop the others: it is added to ``unreadable`` as (path, problem), or, without
+        that list, all of them are named in one error after the last prediction."""
+        failed: list[tuple[str, str]] = [] if unreadable is None else unreadable
         show = show_progress if show_progress is not None else (len(paths) > batch_size and sys.stderr.isatty())
         with progress(len(paths), "infer", show) as bar:
             for i in range(0, len(paths), batch_size):
                 chunk = paths[i : i + batch_size]
-                probs = softmax(self.logits(self.normalise(self.load_images(chunk))))
+                x, bad = self.read_images(chunk)
+                failed += bad
+                keep = [j for j, p in enumerate(chunk) if str(p) not in {b for b, _ in bad}]
+                if keep:
+                    yield from zip((chunk[j] for j in keep), softmax(self.logits(self.normalise(x[keep]))))
                 bar.update(len(chunk))
-                yield from zip(chunk, probs)
+        if failed and unreadable is None:
+            raise unreadable_error(failed, len(paths))
 
     def load_feature_files(self, paths: Sequence[Path | str]) -> list[np.ndarray]:
         """Per-part feature files (.npy, (N, D_k) or (D_k,)) for --fuse, checked against the manifest."""

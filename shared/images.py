@@ -92,26 +92,30 @@ def load_image(path: Path | str, in_channels: int, image_size: int) -> np.ndarra
         raise PapmError(f"cannot read image {path}: {e}; remove or replace the file") from None
 
 
-def _load_chunk(args: tuple[list[str], int, int]) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(the images, (path, error) of each file that could not be read: its slot stays black)."""
-    paths, in_channels, image_size = args
+def read_images(paths: Sequence[Path | str], in_channels: int, image_size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Image files -> (uint8 N x C x S x S, (path, problem) of each file that could not be read: its slot stays black),
+    so a caller can go on with the rest (``papm infer`` on a folder) or refuse them all at once (:func:`unreadable_error`)."""
     out = np.zeros((len(paths), in_channels, image_size, image_size), dtype=np.uint8)
     failed = []
     for i, p in enumerate(paths):
         try:
             out[i] = load_image(p, in_channels, image_size)
         except PapmError as e:
-            failed.append((p, str(e)))
+            failed.append((str(p), str(e)))
     return out, failed
 
 
-def _raise_unreadable(failed: list[tuple[str, str]], total: int) -> None:
+def _read_chunk(args: tuple[list[str], int, int]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    return read_images(*args)  # one picklable argument for the process pool
+
+
+def unreadable_error(failed: list[tuple[str, str]], total: int) -> PapmError:
     """Every unreadable file of a folder in one line (one run to clean a tree, not one run per bad file)."""
     if len(failed) == 1:
-        raise PapmError(failed[0][1])
+        return PapmError(failed[0][1])
     shown = ", ".join(p for p, _ in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
     first = failed[0][1].rsplit("; ", 1)[0]  # its own fix is the one below
-    raise PapmError(f"cannot read {len(failed)} of {total} images: {shown} (the first: {first}); remove or replace those files")
+    return PapmError(f"cannot read {len(failed)} of {total} images: {shown} (the first: {first}); remove or replace those files")
 
 
 def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, workers: int | None = None,
@@ -129,21 +133,21 @@ def load_images(paths: Sequence[Path | str], in_channels: int, image_size: int, 
     parts, failed = [], []
     with contextlib.ExitStack() as stack:
         if workers == 1 or len(paths) < min_parallel:  # starting processes costs more than it saves on a small set
-            results = map(_load_chunk, jobs)
+            results = map(_read_chunk, jobs)
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the caller may run threads (Flower, Ray) that a fork would copy half-way
             results = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
-                                                              mp_context=multiprocessing.get_context("spawn"))).map(_load_chunk, jobs)
+                                                              mp_context=multiprocessing.get_context("spawn"))).map(_read_chunk, jobs)
         for c, (part, bad) in zip(chunks, results):
             parts.append(part)
             failed += bad
             if progress:
                 progress(len(c))
     if failed:
-        _raise_unreadable(failed, len(paths))
+        raise unreadable_error(failed, len(paths))
     return np.concatenate(parts)
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,6 +338,24 @@ def test_unreadable_image(exported, tmp_path, pngs):
     pub = exported[2] / "papm-signing-key.pub.pem"
     line = only_error_line(edge("infer", exported[1], pngs[1][0], bad, "--verify-key", pub))
     assert "broken.png" in line
+    # a folder with bad files among good ones: the good ones are predicted (as alone, in order), the bad ones named once
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in pngs[1][:5]:
+        shutil.copy(p, folder / p.name)
+    (folder / "img01b.png").write_bytes(b"truncated")
+    (folder / "zz.jpg").write_bytes(b"")
+    r = edge("infer", exported[1], folder, "--json", "--batch-size", "2", "--verify-key", pub)
+    line = only_error_line(r)
+    assert "predicted 5 of 7 images" in line and "img01b.png" in line and "zz.jpg" in line, line
+    alone = [json.loads(l) for l in edge("infer", exported[1], *pngs[1][:5], "--json", "--verify-key", pub).stdout.splitlines()]
+    mixed = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [Path(m["image"]).name for m in mixed] == [p.name for p in pngs[1][:5]]
+    assert [m["top_k"] for m in mixed] == [a["top_k"] for a in alone]
+    # --part writes rows that must line up across devices: any unreadable file refuses the whole file, all named
+    line = only_error_line(edge("infer", exported[1], "--part", 0, folder, "--out", tmp_path / "f.npy", "--verify-key", pub))
+    assert "cannot read 2 of 7 images" in line and "img01b.png" in line and "zz.jpg" in line, line
+    assert not (tmp_path / "f.npy").exists()
     line = only_error_line(edge("infer", exported[1], tmp_path / "nope.png", "--verify-key", pub))
     assert "nope.png" in line and "not found" in line
 
