@@ -24,8 +24,8 @@ from .errors import PapmError
 from .files import atomic_write_bytes
 from .images import IMAGE_SUFFIXES, image_files, load_images
 
-PREPROCESS_VERSION = 3  # bump when images.load_image changes what it produces (2: 16-bit grey keeps its top 8 bits;
-# 3: photos turned upright by their EXIF orientation)
+PREPROCESS_VERSION = 4  # bump when images.load_image changes what it produces (2: 16-bit grey keeps its top 8 bits;
+# 3: photos turned upright by their EXIF orientation; 4: 32-bit integer and float grey files by their values' range)
 
 
 def cache_dir() -> Path | None:

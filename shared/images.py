@@ -34,15 +34,35 @@ def image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
-def fit_image(im, in_channels: int, image_size: int) -> np.ndarray:
-    """A Pillow image -> uint8 C x S x S: grey or RGB, short side resized to S (bilinear), centre-cropped.
-    16-bit grey images keep their top 8 bits."""
+def to_8_bit(im):
+    """Grey images of more than 8 bits -> mode "L", as a viewer shows them: Pillow's convert("L") clips every value
+    above 255 to white (16-bit scans) and every float below 1 to black (0-1 float TIFFs).
+    16-bit files ("I;16", and "I" from a PNG: older Pillow opens 16-bit PNGs so) keep their top 8 bits. 32-bit integer
+    files carry no range of their own: read as 8-bit when no value exceeds 255, as 16-bit when none exceeds 65,535,
+    else as 31-bit (signed). Float files: 0-1 when no value exceeds 1 (the convention of scientific imaging), else 0-255."""
     from PIL import Image
 
-    if im.mode == "I" or im.mode.startswith("I;16"):
-        # 16-bit grey (PNG, TIFF): Pillow's convert("L") clips every value above 255 to white; keep the top 8 bits
-        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8), mode="L")
-    im = im.convert("L" if in_channels == 1 else "RGB")
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        a = np.round(np.clip(a * (255.0 if a.max(initial=0.0) <= 1.0 else 1.0), 0, 255))
+    else:
+        a = np.clip(a.astype(np.int64), 0, None)
+        top = a.max(initial=0)
+        # mode "I" is signed 32-bit: 31 bits of range, the top 8 of them from bit 23
+        shift = 8 if im.mode != "I" or im.format == "PNG" or 255 < top <= 65535 else 0 if top <= 255 else 23
+        a = np.clip(a >> shift, 0, 255)
+    return Image.fromarray(a.astype(np.uint8), mode="L")
+
+
+def fit_image(im, in_channels: int, image_size: int) -> np.ndarray:
+    """A Pillow image -> uint8 C x S x S: grey or RGB, short side resized to S (bilinear), centre-cropped;
+    grey images of more than 8 bits first brought to 8 (:func:`to_8_bit`)."""
+    from PIL import Image
+
+    im = to_8_bit(im).convert("L" if in_channels == 1 else "RGB")
     w, h = im.size
     if (w, h) != (image_size, image_size):
         scale = image_size / min(w, h)

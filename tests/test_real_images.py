@@ -115,6 +115,35 @@ def test_16_bit_grey_images_keep_their_contrast(tmp_path):
     assert load_image(tmp_path / "scan16.png", 1, 64).std() > 50  # a gradient, not a white page
 
 
+def test_32_bit_and_float_grey_files_read_by_their_range(tmp_path):
+    """32-bit integer and float TIFFs (scientific and thermal cameras) carry no range of their own; they read as the
+    8-bit file of the same picture, not black (Pillow clips 0-1 floats to 0) or white."""
+    from PIL import Image
+
+    from papm.shared.images import load_image
+
+    g8 = ((np.arange(48 * 48).reshape(48, 48) * 7) % 256).astype(np.uint8)
+    Image.fromarray(g8).save(tmp_path / "g8.png")
+    want = load_image(tmp_path / "g8.png", 1, 48)
+    as_written = {
+        "int32-0-255.tif": g8.astype(np.int32),
+        "int32-0-65535.tif": g8.astype(np.int32) << 8,
+        "int32-full.tif": g8.astype(np.int32) << 23,  # up to 2^31 - 2^23
+        "float-0-1.tif": g8.astype(np.float32) / 255,
+        "float-0-255.tif": g8.astype(np.float32),
+    }
+    for name, a in as_written.items():
+        Image.fromarray(a).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode in ("I", "F")
+        got = load_image(tmp_path / name, 1, 48)
+        assert np.array_equal(got, want), name
+    nan = g8.astype(np.float32) / 255
+    nan[0, :] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    got = load_image(tmp_path / "nan.tif", 3, 48)  # NaN pixels black, the rest as the 8-bit file; as RGB too
+    assert got.shape == (3, 48, 48) and (got[:, 0] == 0).all() and np.array_equal(got[0, 1:], want[0, 1:])
+
+
 def test_a_checkpoint_names_its_data_folder_from_anywhere(tmp_path, monkeypatch):
     """Trained on a relative --data-root, the checkpoint names the folder absolutely, so `papm simulate`, `prune` and
     `export` find it from any working folder; data moved since is one line that says where the path came from."""
