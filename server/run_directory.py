@@ -79,7 +79,11 @@ class RunDirectory:
 
     def load_extractor(self, k: int) -> tuple[nn.Module, dict]:
         """Device k's pruned model and its model_args."""
-        model, _, ckpt = load_checkpoint(self.device_dir(k) / "pruned.pt")
+        try:
+            model, _, ckpt = load_checkpoint(self.device_dir(k) / "pruned.pt")
+        except PapmError as e:  # the checkpoint's own fix (`papm train`/`prune`) is not how a run's file comes back
+            raise PapmError(f"{str(e).rsplit('; ', 1)[0]}; this run's prune phase wrote it: put the file back from a copy, "
+                            f"or run again from the start (`papm simulate --run-dir {self.path} --force`)") from None
         return model, ckpt["model_args"]
 
     # ---- lifecycle -----------------------------------------------------------------

@@ -280,3 +280,18 @@ def test_a_start_that_computed_nothing_does_not_block_the_corrected_command(tmp_
     with pytest.raises(Exception, match="already holds a run"):
         RunDirectory(run).start(first, resume=False)
     assert json.loads((run / "config.json").read_text())["budget"] == 0.6
+
+
+def test_a_damaged_device_checkpoint_is_not_sent_to_papm_train(finished_run, tmp_path):
+    """A run's pruned.pt came from its prune phase: the fix a user is given is the run's, not `papm train`/`prune`."""
+    from papm.shared.errors import PapmError
+
+    run = tmp_path / "run"
+    (run / "devices" / "device-1").mkdir(parents=True)
+    (run / "devices" / "device-1" / "pruned.pt").write_bytes((finished_run / "devices" / "device-1" / "pruned.pt").read_bytes()[:500])
+    for k, problem in ((1, "not a readable checkpoint"), (0, "checkpoint not found")):
+        with pytest.raises(PapmError) as e:
+            RunDirectory(run).load_extractor(k)
+        message = str(e.value)
+        assert problem in message and "papm train" not in message and f"--run-dir {run} --force" in message, message
+    assert RunDirectory(finished_run).load_extractor(1)[1]["width"] > 0  # an intact one loads
