@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -47,6 +47,33 @@ def _bundle_manifest(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("format") == BUNDLE_FORMAT else None
+
+
+def _owned_files(manifest: Any) -> set[str]:
+    """Every file a bundle's manifest lists (parts, head, base, reports), at any depth."""
+    if isinstance(manifest, dict):
+        own = {manifest["file"]} if isinstance(manifest.get("file"), str) and "sha256" in manifest else set()
+        return own.union(*(_owned_files(v) for v in manifest.values()))
+    if isinstance(manifest, list):
+        return set().union(*(_owned_files(v) for v in manifest))
+    return set()
+
+
+def _carry_foreign_files(out: Path, stage: Path) -> list[str]:
+    """Files in the earlier bundle ``out`` that no export writes (papm bench's tables, a user's notes) go into the new
+    one: an export replaces its own files and nothing else. Returns them, relative to the bundle."""
+    old = _bundle_manifest(out) if out.is_dir() else None
+    if old is None:
+        return []
+    owned = {"manifest.json", "manifest.sig"} | _owned_files(old)
+    kept = []
+    for f in sorted(out.rglob("*")):
+        rel = f.relative_to(out).as_posix()
+        if (f.is_file() or f.is_symlink()) and rel not in owned and not (stage / rel).exists():
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, stage / rel, follow_symlinks=False)  # a link stays a link
+            kept.append(rel)
+    return kept
 
 
 def export_run(
@@ -256,6 +283,10 @@ def export_run(
                                    "base": float((rt.base_logits(xs).argmax(1) == y_test).mean())}
         manifest["accuracy"] = accuracy
         write_manifest(stage, manifest, sign_key)
+        kept = _carry_foreign_files(out, stage)
+        if kept:
+            log(f"kept {', '.join(kept[:5])}{f' and {len(kept) - 5} more' if len(kept) > 5 else ''} from the earlier bundle "
+                "(files no export writes; a papm bench table there measured the earlier bundle)")
         fsync_tree(stage)  # every file on the disk before the bundle is swapped in
         replace_dir(stage, out)  # --force: the old bundle goes only once the new one is complete
     finally:

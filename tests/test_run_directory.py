@@ -162,9 +162,16 @@ def test_export_int8_adds_to_the_runs_own_bundle(finished_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     after = json.loads((run / "bundle" / "manifest.json").read_text())
     assert all(set(p["files"]) == {"fp32", "int8"} for p in after["parts"])
-    # again without --int8: the INT8 files stay (precisions are added, never dropped)
-    assert run_papm("export", run).returncode == 0
+    # again without --int8: the INT8 files stay (precisions are added, never dropped), and so do files no export
+    # writes: papm bench's tables, the user's notes
+    (run / "bundle" / "bench.md").write_text("| latency |")
+    (run / "bundle" / "notes").mkdir()
+    (run / "bundle" / "notes" / "NOTES.txt").write_text("mine")
+    r = run_papm("export", run)
+    assert r.returncode == 0 and "kept bench.md, notes/NOTES.txt from the earlier bundle" in r.stdout + r.stderr, r.stderr[-2000:]
     assert all("int8" in p["files"] for p in json.loads((run / "bundle" / "manifest.json").read_text())["parts"])
+    assert (run / "bundle" / "bench.md").read_text() == "| latency |"
+    assert (run / "bundle" / "notes" / "NOTES.txt").read_text() == "mine"
     # a signed bundle is re-signed only with a key: without one it is refused and left as it was
     keys = tmp_path / "keys"
     r = run_papm("export", run, "--new-key", keys)
