@@ -28,6 +28,11 @@ def add_deploy_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--superlink", default="127.0.0.1:8000", help="address the nodes and `flwr` use, HOST:PORT (default 127.0.0.1:8000)")
     p.add_argument("--data-root-template", default="", help="each node's data folder, {id} = partition-id, e.g. /data/node{id} "
                                                             "(default: none; the built-in digits need no data)")
+    p.add_argument("--data-root", default="", help="the coordinator's data folder with test/<class>/: the run scores on it "
+                                                   "and checks every device's class names against it (needed with "
+                                                   "--data-root-template unless --base-checkpoint names it)")
+    p.add_argument("--base-checkpoint", default="", help="a base model from `papm train` for the run (its image size, "
+                                                         "classes and normalisation are the run's)")
     p.add_argument("--flwr-home", default=None, help="folder of flwr's config.toml (default: $FLWR_HOME or ~/.flwr)")
     p.add_argument("--connection", default="papm", help="name of the `flwr` connection written to config.toml (default papm)")
     p.add_argument("--days", type=positive_int, default=365, help="certificate validity in days (default 365)")
@@ -47,6 +52,7 @@ def run_deploy(args) -> int:
         raise SystemExit(f"unknown deploy action {args.deploy_command}")
     spec = KitSpec(directory=Path(args.directory), hosts=[h for h in args.hosts.split(",") if h.strip()],
                    nodes=args.nodes, superlink=args.superlink, data_root_template=args.data_root_template,
+                   data_root=args.data_root, base_checkpoint=args.base_checkpoint,
                    flwr_home=Path(args.flwr_home) if args.flwr_home else None, connection=args.connection,
                    insecure=args.insecure, force=args.force, days=args.days, warm_worker=not args.no_worker)
     kit = init_kit(spec)

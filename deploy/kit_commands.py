@@ -82,6 +82,12 @@ def build_commands(spec: KitSpec, d: Path, project_root: Path | None) -> list[tu
         cmds.append((f"Start SuperNode {i} (on device {i}{needs})", poll + " ".join(map(q, node))))
     run_cfg = (f'run-dir="{d / "runs/deploy"}" nodes={spec.nodes}' + (f" devices={spec.nodes}" if spec.nodes < 3 else "")
                + f' sign-key="{d / "signing/papm-signing-key.pem"}"')
+    if spec.base_checkpoint:  # dataset, image shape, classes and normalisation come from the checkpoint
+        run_cfg += f' base-checkpoint="{Path(spec.base_checkpoint).expanduser().resolve()}"'
+    elif spec.data_root:
+        run_cfg += ' dataset="imagefolder"'
+    if spec.data_root:
+        run_cfg += f' data-root="{Path(spec.data_root).expanduser().resolve()}"'
     cd = f"cd {q(str(project_root))} && " if project_root else "cd /path/to/papm-fl && "  # the folder with pyproject.toml
     cmds.append(("Run PAPM-FL on the federation (from the project folder)",
                  f"{cd}{home_env}flwr run . {q(spec.connection)} --stream --run-config {q(run_cfg)}"))
@@ -105,6 +111,9 @@ def commands_markdown(spec: KitSpec, kit_dir: Path, cmds: list[tuple[str, str]])
               + ("" if spec.insecure else "A device needs only `tls/ca.crt` and its own `keys/nodeN` from this kit "
                  "(copy them and adjust the paths). Keep `tls/*.key` and `keys/node*` (without .pub) secret. ")
               + "`--node-config nodes/nodeN.toml` is the same as the inline node config below.", "",
+              "Any run config key can be added to `flwr run --run-config` (`budget`, `devices`, ...); photos are read "
+              "at the base checkpoint's image size, or at `image-size` (default 32) and `channels` (default 3) "
+              "without one.", "",
               "If a device restarts mid-run, start its SuperNode again with the same key (it gets its node id "
               "back), then submit the same `flwr run` again: the run resumes after its last completed phase.", ""]
     for what, cmd in cmds:

@@ -44,6 +44,8 @@ class KitSpec:
     nodes: int = 3
     superlink: str = "127.0.0.1:8000"
     data_root_template: str = ""  # e.g. "/data/node{id}"; {id} is the partition-id
+    data_root: str = ""  # the coordinator's data folder (its test/ split), for the run config
+    base_checkpoint: str = ""  # a trained base for the run config (shape, classes, normalisation come with it)
     flwr_home: Path | None = None  # default: $FLWR_HOME or ~/.flwr (as flwr itself resolves it)
     connection: str = "papm"
     insecure: bool = False
@@ -70,10 +72,22 @@ class KitSpec:
             raise PapmError(f"--days must be at most 36500, got {self.days}")
         if self.directory.exists() and not self.directory.is_dir():
             raise PapmError(f"kit folder {self.directory} is a file; give a folder for the kit")
-        bad = [c for c in ('"', "'", "\n", "\r", "\\", "`", "$") if c in self.data_root_template]
-        if bad:  # it is written into command lines and TOML: a quote would inject keys or commands
-            raise PapmError(f"--data-root-template must not contain {' or '.join(repr(c) for c in bad)}; give a plain path "
-                            "such as /data/node{id}")
+        for option, value in (("--data-root-template", self.data_root_template), ("--data-root", self.data_root),
+                              ("--base-checkpoint", self.base_checkpoint)):
+            bad = [c for c in ('"', "'", "\n", "\r", "\\", "`", "$") if c in value]
+            if bad:  # it is written into command lines and TOML: a quote would inject keys or commands
+                raise PapmError(f"{option} must not contain {' or '.join(repr(c) for c in bad)}; give a plain path "
+                                f"such as {'/data/node{id}' if option == '--data-root-template' else '/data/photos'}")
+        if self.data_root and not (Path(self.data_root).expanduser() / "test").is_dir():
+            raise PapmError(f"--data-root {self.data_root} has no test/ folder; give the coordinator's data folder, which "
+                            "holds the test split as test/<class>/ (the devices' own photos stay on the devices)")
+        if self.base_checkpoint and not Path(self.base_checkpoint).expanduser().is_file():
+            raise PapmError(f"--base-checkpoint {self.base_checkpoint} not found; give the file `papm train --out` wrote")
+        if self.data_root_template and not (self.data_root or self.base_checkpoint):
+            # the run would score on digits and the devices' class names would not match: refused at hello, too late
+            raise PapmError("the devices read their own photos (--data-root-template) but the run has no test split of "
+                            "them; give --data-root (the coordinator's folder with test/<class>/) and/or --base-checkpoint "
+                            "(a model from `papm train` on such photos)")
         if not self.connection.replace("-", "").replace("_", "").isalnum():
             raise PapmError(f"--connection must be letters, digits, - or _, got {self.connection!r}")
         if self.data_root_template and "{id}" not in self.data_root_template and self.nodes > 1:

@@ -202,7 +202,15 @@ def state(run_dir: Path) -> dict:
 # ---- the kit itself (no processes) -------------------------------------------------------------
 def test_deploy_init_kit(tmp_path):
     fed = Federation(tmp_path, nodes=2)
-    r = fed.init_kit("--hosts", "edge.example,10.1.2.3", "--data-root-template", "/data/node{id}")
+    # devices with their own photos need the coordinator's test split of them: refused at init, not at the run's hello
+    r = fed.cli(*DEPLOY_INIT, str(fed.kit), "--data-root-template", "/data/node{id}", "--flwr-home", str(fed.home))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--data-root" in r.stderr and not fed.kit.exists(), r.stderr
+    r = fed.cli(*DEPLOY_INIT, str(fed.kit), "--data-root-template", "/data/node{id}", "--data-root", str(tmp_path),
+                "--flwr-home", str(fed.home))
+    assert r.returncode == 2 and "has no test/ folder" in r.stderr and not fed.kit.exists(), r.stderr
+    (tmp_path / "photos" / "test" / "cat").mkdir(parents=True)
+    r = fed.init_kit("--hosts", "edge.example,10.1.2.3", "--data-root-template", "/data/node{id}",
+                     "--data-root", str(tmp_path / "photos"))
     k = fed.kit
     for key in ("tls/ca.key", "tls/server.key", "keys/node0", "keys/node1", "signing/papm-signing-key.pem"):
         assert stat.S_IMODE((k / key).stat().st_mode) == 0o600, key
@@ -225,7 +233,8 @@ def test_deploy_init_kit(tmp_path):
                      "--port 9095", 'data-root="/data/node1"', f"cd {ROOT} && ", "flwr run . papm",
                      "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-superlink",
                      f"papm node --socket {k.resolve()}/workers/node1.sock",
-                     f'sign-key="{k}/signing/papm-signing-key.pem"', f"--verify-key {k}/signing/papm-signing-key.pub.pem"):
+                     f'sign-key="{k}/signing/papm-signing-key.pem"', f"--verify-key {k}/signing/papm-signing-key.pub.pem",
+                     f'dataset="imagefolder" data-root="{tmp_path / "photos"}"'):
         assert expected in commands and expected in r.stdout, expected
     # an existing kit is never overwritten without --force; with --force it is
     again = fed.cli(*DEPLOY_INIT, str(k), "--nodes", "2", "--flwr-home", str(fed.home))
@@ -272,7 +281,9 @@ def test_deployment_with_tls_and_node_auth_whole_run(federation, tmp_path):
     for i in range(3):
         write_pattern_folder(tmp_path / f"device{i}", per_class=10, size=48 + 16 * i, parts=("train",), seed=20 + i)
     fed = federation()
-    fed.init_kit("--data-root-template", str(tmp_path / "device{id}"))
+    r = fed.init_kit("--data-root-template", str(tmp_path / "device{id}"), "--data-root", str(coordinator),
+                     "--base-checkpoint", str(base_ckpt))
+    assert f'base-checkpoint="{base_ckpt}" data-root="{coordinator}"' in r.stdout  # the run the kit prints is this one
     fed.start_superlink()
     for i in range(2):  # warm workers beside nodes 0 and 1; node 2 has none and runs each message itself
         fed.start_worker(i)
