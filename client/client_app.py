@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from ..shared.bn import bn_input_sums, bn_state
 from ..shared.class_stats import compute_class_stats
@@ -26,13 +27,24 @@ from ..shared.lowbit import layer_input_sums
 from ..shared.sparsity import MaskKeeper, weight_layers
 from ..shared.specialise import finetune_local, local_apoz_counts, objective_weight
 from ..shared.distillation import teacher_outputs
+from ..shared.errors import PapmError
 from ..shared.inference import predict_logits
 from ..shared.training import TrainSettings, fit, momentum_lr_sum, round_lr
 from .drills import drill_mods
 from .node import Node, features, received_head, shift_against, train_settings, val_counts
 from .records import bytes_record, config_json, json_config, record_state, state_record, tensors_record
 
-app = ClientApp(mods=drill_mods())  # failure drills only when PAPM_INJECT_FAULT is set
+def user_errors_mod(msg: Message, context: Context, call_next) -> Message:
+    """A node's bad data or config (PapmError: one line saying what to fix) goes back as an error reply with that
+    line, as Flower's own error replies do (code 2), without the tracebacks Flower and Ray print for an exception
+    (hundreds of lines before the coordinator's one error line). Other exceptions are bugs and keep them."""
+    try:
+        return call_next(msg, context)
+    except PapmError as e:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(e)), reply_to=msg)
+
+
+app = ClientApp(mods=[user_errors_mod, *drill_mods()])  # failure drills only when PAPM_INJECT_FAULT is set
 fit_torch_threads()  # a device container's CPU quota, which torch's own default does not see
 
 FEDBN_KEY = "papm-fedbn"  # context.state: this node's own BatchNorm layers under bn=local

@@ -14,7 +14,8 @@ ClientApp logs one line and runs the handlers in its own process (slower, same r
 
 Wire format, both ways: 8-byte big-endian length, then a Flower ``Message`` protobuf; then the
 same for a ``Context`` protobuf (the node's state travels back: FedBN keeps layers there). A
-handler error travels back as a text that the ClientApp raises, as the handler would have.
+handler's PapmError comes back as an error reply (``client_app.user_errors_mod``); any other error travels back as a
+text that the ClientApp raises, as the handler would have.
 """
 
 from __future__ import annotations
@@ -169,7 +170,10 @@ def _handle(conn: socket.socket, app) -> None:
         conn.sendall(_ERROR)
         _send(conn, f"{type(e).__name__}: {e}".encode())
         return
-    print(f"papm node: {message.metadata.message_type} answered in {time.perf_counter() - t0:.2f} s", flush=True)
+    if reply.has_error():  # the node's data or config (a PapmError): its one line goes back as the reply
+        print(f"papm node: {message.metadata.message_type} failed: {reply.error.reason}", flush=True)
+    else:
+        print(f"papm node: {message.metadata.message_type} answered in {time.perf_counter() - t0:.2f} s", flush=True)
     conn.sendall(_OK)
     _send(conn, message_to_proto(reply).SerializeToString())
     _send(conn, context_to_proto(context).SerializeToString())

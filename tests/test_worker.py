@@ -62,9 +62,9 @@ def test_a_run_through_the_worker_ends_where_an_in_process_run_does(tmp_path, wo
 
 
 def test_a_handler_error_in_the_worker_is_raised_by_the_clientapp(tmp_path, worker, caplog):
-    """A node whose data root does not exist fails in its handler inside the worker; the ClientApp raises that
-    error, so the server reports the node's own reason (and the run stops: no node is left)."""
-    sock, _ = worker
+    """A node whose data root does not exist fails in its handler inside the worker; its one line comes back as the
+    node's error reply, so the server reports the node's own reason (and the run stops: no node is left)."""
+    sock, proc = worker
     coordinator = tmp_path / "coordinator"
     from conftest import write_pattern_folder
 
@@ -74,7 +74,24 @@ def test_a_handler_error_in_the_worker_is_raised_by_the_clientapp(tmp_path, work
     with pytest.raises(Exception, match="every node failed"):
         run_direct(RunConfig.from_overrides([*SMALL, "dataset=imagefolder", f"data-root={coordinator}",
                                              f"run-dir={tmp_path / 'bad'}"]), node_configs=configs, app=entry)
-    assert any("PapmError" in r.getMessage() and "nowhere" in r.getMessage() for r in caplog.records)
+    assert any("error 2: " in r.getMessage() and "nowhere" in r.getMessage() for r in caplog.records)
+    proc.terminate()
+    assert "papm node: query.hello failed: " in proc.communicate(timeout=30)[0]
+
+
+def test_a_nodes_bad_data_comes_back_as_its_one_line(tmp_path):
+    """In-process (simulation) too: a handler's PapmError is the node's error reply, code 2 as Flower's own, with the
+    one line that says what to fix, not an exception for Flower and Ray to print as tracebacks."""
+    from conftest import write_pattern_folder
+    from papm.shared.errors import PapmError
+
+    coordinator = tmp_path / "coordinator"
+    write_pattern_folder(coordinator, per_class=4, size=16, parts=("test",))
+    configs = [{"partition-id": i, "num-partitions": 2, "data-root": str(tmp_path / "nowhere")} for i in range(2)]
+    with pytest.raises(PapmError, match="every node failed") as e:
+        run_direct(RunConfig.from_overrides([*SMALL, "dataset=imagefolder", f"data-root={coordinator}",
+                                             f"run-dir={tmp_path / 'bad'}"]), node_configs=configs, app=handlers)
+    assert "(error 2: " in str(e.value) and "nowhere" in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_papm_node_refuses_a_socket_folder_open_to_other_users(tmp_path):
