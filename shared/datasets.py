@@ -195,8 +195,9 @@ def _load_cifar10(root: Path, download: bool):
 
 
 
-def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tuple[str, ...]):
-    """The asked ``parts`` of an ImageFolder tree (``train`` and/or ``test``); a missing part is None."""
+def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tuple[str, ...], every_class: bool = True):
+    """The asked ``parts`` of an ImageFolder tree (``train`` and/or ``test``); a missing part is None. With
+    ``every_class``, a class folder of train/ without images is refused."""
     from .image_cache import read_image_folder
 
     wanted = [p for p in parts if (root / p).is_dir()]
@@ -210,6 +211,11 @@ def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tupl
     if len(wanted) == 2 and class_folders(root / "test") != classes:
         raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
     loaded = {p: read_image_folder(root / p, classes, in_channels, image_size) for p in wanted}
+    if "train" in loaded and every_class:
+        empty = [classes[c] for c in np.flatnonzero(np.bincount(loaded["train"][1], minlength=len(classes)) == 0)]
+        if empty:  # a model trained so scores a class it never saw; a run stops at its statistics
+            raise PapmError(f"{root / 'train'} has no images in class folder(s) {', '.join(empty)}; add images of every "
+                            "class or remove the empty folders (and the same classes from test/)")
     return loaded.get("train"), loaded.get("test"), classes
 
 
@@ -223,6 +229,7 @@ def load_dataset(
     image_size: int = 0,
     in_channels: int = 0,
     parts: tuple[str, ...] = ("train", "test"),
+    every_class: bool = True,
 ) -> DataSplits:
     """Load a dataset and carve a stratified validation split from its training part.
 
@@ -230,7 +237,8 @@ def load_dataset(
     ``in_channels`` (0: the dataset's own, see ``NATIVE_SHAPE``) resize and convert every
     image the same way (``images.fit_image``). ``parts``: an ImageFolder tree may hold only
     ``train/`` (a device's own data: its evaluation split is carved from it) or only
-    ``test/`` (the coordinator's); other datasets always load both.
+    ``test/`` (the coordinator's); other datasets always load both. ``every_class=False``: a train/ class
+    folder may be empty (a device's own photos under label skew), else that is refused.
     """
     if not 0.0 <= val_fraction < 0.5:
         raise PapmError(f"val_fraction must be in [0, 0.5), got {val_fraction}; give a fraction below 0.5 (e.g. 0.1)")
@@ -255,7 +263,7 @@ def load_dataset(
         root = Path(root)
         if not root.is_dir():
             raise PapmError(f"data root {root} is not a folder; give an ImageFolder tree (train/<class>/..., test/<class>/...)")
-        train, test, classes = _load_imagefolder(root, in_channels, image_size, parts)
+        train, test, classes = _load_imagefolder(root, in_channels, image_size, parts, every_class)
         hflip, source = True, str(root.resolve())  # absolute: a checkpoint is read from other folders too
     empty = (np.zeros((0, in_channels, image_size, image_size), np.uint8), np.zeros(0, np.int64))
     xtr, ytr = train if train is not None else empty

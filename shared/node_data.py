@@ -28,16 +28,18 @@ class NodeData:
 
 @lru_cache(maxsize=4)
 def _dataset(name: str, root: str, split_seed: int, val_fraction: float, image_size: int, channels: int,
-             parts: tuple[str, ...] = ("train", "test")) -> DataSplits:
+             parts: tuple[str, ...] = ("train", "test"), every_class: bool = True) -> DataSplits:
     return load_dataset(name, root or None, split_seed=split_seed, val_fraction=val_fraction, image_size=image_size,
-                        in_channels=channels, parts=parts)
+                        in_channels=channels, parts=parts, every_class=every_class)
 
 
 def load_node_data(cfg: RunConfig, partition_id: int, num_partitions: int, own_data_root: str = "") -> NodeData:
     """This node's data. ``own_data_root`` (node config ``data-root``): the device's own tree
     (``train/<class>/`` only), used whole; its evaluation split is carved from it (seeded)."""
     if own_data_root:
-        splits = _dataset("imagefolder", own_data_root, cfg.seed, cfg.val_fraction, cfg.image_size, cfg.channels, ("train",))
+        # a device may hold no photos of some classes (label skew): its empty class folders are allowed
+        splits = _dataset("imagefolder", own_data_root, cfg.seed, cfg.val_fraction, cfg.image_size, cfg.channels,
+                          ("train",), every_class=False)
         if len(splits.train) < cfg.min_partition_size:
             raise PapmError(f"{own_data_root} holds {len(splits.train)} training images (after the evaluation split); "
                             f"a node needs at least min-partition-size={cfg.min_partition_size}")

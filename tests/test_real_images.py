@@ -373,6 +373,34 @@ def test_a_device_with_other_classes_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "base.pt").exists()
 
 
+def test_an_empty_class_folder_is_refused_where_every_class_must_be_learnt(tmp_path):
+    """A whole training tree (papm train, a simulation's shared data-root) with an empty class folder would give a
+    model scoring a class it never saw: one line naming the folder. A device's own tree may lack some classes."""
+    from papm.shared.node_data import load_node_data
+    from papm.simulations.direct import run_direct
+
+    root = write_pattern_folder(tmp_path / "photos", per_class=6, size=16)
+    (root / "train" / "zebra").mkdir()
+    (root / "test" / "zebra").mkdir()
+    with pytest.raises(PapmError, match=r"photos/train has no images in class folder\(s\) zebra; add images"):
+        load_dataset("imagefolder", root, image_size=16)
+    r = run_papm("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "16", "--epochs", "1",
+                 "--out", tmp_path / "b.pt", cwd=tmp_path)
+    assert r.returncode == 2 and "zebra" in r.stderr.strip().splitlines()[-1] and not (tmp_path / "b.pt").exists()
+    cfg = RunConfig.from_overrides(["dataset=imagefolder", f"data-root={root}", "image-size=16", "min-partition-size=4"])
+    assert load_node_data(cfg, 0, 2, own_data_root=str(root)).info.class_names[-1] == "zebra"  # a device's own: fine
+    # devices' own trees that together hold no zebra: the statistics phase names the class, not its index
+    base_root, base = pattern_base(tmp_path / "b", 24, 3)
+    trees = [write_pattern_folder(tmp_path / f"dev{i}", per_class=8, size=24, parts=("train",), seed=i) for i in range(2)]
+    for d in trees:
+        (d / "train" / "stripes").rename(d / "unused")
+        (d / "train" / "stripes").mkdir()
+    with pytest.raises(PapmError, match=r"no node holds training images of class\(es\) stripes \(of 2 nodes"):
+        run_direct(RunConfig.from_overrides([f"base-checkpoint={base}", f"data-root={base_root}", "nodes=2", "devices=2",
+                                             "min-partition-size=4", f"run-dir={tmp_path / 'run'}", "device=cpu"]),
+                   [{"partition-id": i, "num-partitions": 2, "data-root": str(d)} for i, d in enumerate(trees)])
+
+
 @pytest.mark.parametrize("finetune_nodes", ["all", "group"])
 def test_nodes_without_group_samples_stay_in_the_run(tmp_path, finetune_nodes):
     """Device 0 holds only circles, device 1 only squares, device 2 all three classes: two devices hold

@@ -31,6 +31,11 @@ def run(d: RunDriver) -> None:
     stats = ClassStatistics.zeros(info.num_classes)
     for c in replies.values():  # in partition order (d.send): the same sums to the last bit in every run
         stats = stats + ClassStatistics.from_arrays(record_state(c["stats"]))
+    if (stats.counts == 0).any():  # grouping needs every class's mean outputs; name the classes, not their indices
+        missing = [info.class_names[c] for c in torch.nonzero(stats.counts == 0).flatten().tolist()]
+        raise PapmError(f"no node holds training images of class(es) {', '.join(missing)} (of {len(replies)} nodes that "
+                        "answered); give some node images of every class, or remove the class from the data and the "
+                        "base model")
     buf = io.BytesIO()  # saved from memory: torch.save names the archive after the (temporary) file
     torch.save({k: v.clone() for k, v in stats.to_arrays().items()}, buf)
     atomic_write_bytes(d.rd.path / "class_stats.pt", buf.getvalue())
