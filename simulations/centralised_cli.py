@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ..deploy.edge_cli import non_negative_int, positive_int
@@ -127,7 +128,7 @@ def run_train(args) -> int:
     from ..shared.datasets import load_dataset
     from ..shared.files import refuse_existing
     from ..shared.models import ResNet18, count_params, model_args
-    from ..shared.training import TrainSettings, evaluate, fit, resolve_device
+    from ..shared.training import TrainSettings, batch_bounds, evaluate, fit, resolve_device
 
     out = Path(args.out)
     refuse_existing(out, force=args.force)
@@ -147,22 +148,30 @@ def run_train(args) -> int:
     print(f"training ResNet-18 x{args.width:g} ({count_params(model):,} params) on {info.name}: "
           f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, {info.num_classes} classes, "
           f"{info.in_channels}x{info.image_size}x{info.image_size}, device {device}")
+    steps = len(batch_bounds(len(splits.train), settings.batch_size))
+    if steps < 10:  # a few hundred photos at the default batch: a handful of steps in all, a model at chance
+        smaller = max(8, 2 ** int(math.log2(max(1, len(splits.train) // 10))))
+        print(f"warning: {len(splits.train)} training images at --batch-size {settings.batch_size} make {steps} step(s) "
+              f"per epoch, {steps * settings.epochs} in all; a small set trains better with a smaller batch "
+              f"(e.g. --batch-size {smaller}) or more --epochs", file=sys.stderr)
     history = fit(model, splits.train, info, settings, device, val=splits.val, progress=_progress(args))
     if not all(math.isfinite(row["loss"]) for row in history):
         from ..shared.errors import PapmError
 
         raise PapmError(f"training diverged (loss {history[-1]['loss']} after epoch {len(history)}) at --lr {args.lr:g}; "
                         "lower --lr and train again (nothing was saved)")
-    val_acc = evaluate(model, splits.val, info, device)["accuracy"]
+    val_acc = evaluate(model, splits.val, info, device)["accuracy"] if len(splits.val) else None
     test = evaluate(model, splits.test, info, device)
     meta = {"history": history, "val_accuracy": val_acc, "test_accuracy": test["accuracy"] if len(splits.test) else None,
             "per_class_test_accuracy": {info.class_names[c]: a for c, a in test["per_class"].items()},
             "train_settings": vars(settings).copy()}
     save_checkpoint(out, model, margs, info, kind="base", meta=meta)
+    val_text = (f"val accuracy {val_acc:.4f}" if len(splits.val)
+                else f"no validation split (--val-fraction 0): the last epoch's weights are kept")
     if len(splits.test):
-        print(f"val accuracy {val_acc:.4f}  test accuracy {test['accuracy']:.4f}")
+        print(f"{val_text}  test accuracy {test['accuracy']:.4f}")
     else:  # a tree with train/ only: the validation split is all there is to report
-        print(f"val accuracy {val_acc:.4f}  (no test split: {args.data_root}/test/<class>/ is missing, test accuracy not measured)")
+        print(f"{val_text}  (no test split: {args.data_root}/test/<class>/ is missing, test accuracy not measured)")
     print(f"saved {out}")
     return 0
 

@@ -175,6 +175,15 @@ def test_training_on_a_tree_without_test_split_says_so(tmp_path):
                  "--epochs", "1", "--out", tmp_path / "base.pt", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test accuracy not measured" in r.stdout and "nan" not in r.stdout and (tmp_path / "base.pt").is_file()
+    # 21 training images at the default batch of 128: one step an epoch, said once, with a batch size that fits
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")] == [
+        "warning: 21 training images at --batch-size 128 make 1 step(s) per epoch, 1 in all; a small set trains better "
+        "with a smaller batch (e.g. --batch-size 8) or more --epochs"], r.stderr
+    r = run_papm("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "16", "--width", "0.125",
+                 "--epochs", "1", "--batch-size", "2", "--val-fraction", "0", "--out", tmp_path / "b2.pt", "--quiet",
+                 cwd=tmp_path)
+    assert r.returncode == 0 and "warning:" not in r.stderr, r.stderr[-2000:]
+    assert "no validation split (--val-fraction 0): the last epoch's weights are kept" in r.stdout and "nan" not in r.stdout
 
 
 def test_a_photo_stored_sideways_reads_upright(tmp_path):
