@@ -56,20 +56,20 @@ class KitSpec:
 
     def validate(self) -> "KitSpec":
         if self.nodes < 1:
-            raise PapmError(f"--nodes must be >= 1, got {self.nodes}")
+            raise PapmError(f"--nodes must be >= 1, got {self.nodes}; give the number of devices")
         if self.days < 1:
-            raise PapmError(f"--days must be >= 1, got {self.days}")
+            raise PapmError(f"--days must be >= 1, got {self.days}; give the certificates' validity in days")
         host, _, port = self.superlink.rpartition(":")
         if not host or not port.isdigit():
-            raise PapmError(f"--superlink must be HOST:PORT, got {self.superlink!r}")
+            raise PapmError(f"--superlink must be HOST:PORT, got {self.superlink!r}; e.g. --superlink {host or self.superlink or 'coordinator.lan'}:8000")
         if not 1 <= int(port) <= 65535:
-            raise PapmError(f"--superlink port must be 1-65535, got {port}")
+            raise PapmError(f"--superlink port must be 1-65535, got {port}; e.g. {host}:8000")
         for h in [host.strip("[]"), *self.hosts]:
             if not _valid_host(h.strip()):
                 raise PapmError(f"{h.strip()!r} is not a host name or IP address (letters, digits, '-' and '.' in ASCII); "
                                 "fix --superlink / --hosts")
         if self.days > 36500:
-            raise PapmError(f"--days must be at most 36500, got {self.days}")
+            raise PapmError(f"--days must be at most 36500, got {self.days}; give fewer days")
         if self.directory.exists() and not self.directory.is_dir():
             raise PapmError(f"kit folder {self.directory} is a file; give a folder for the kit")
         for option, value in (("--data-root-template", self.data_root_template), ("--data-root", self.data_root),

@@ -139,7 +139,7 @@ class RunConfig:
         values = {}
         for item in items:
             if "=" not in item:
-                raise PapmError(f"--set expects key=value, got {item!r}")
+                raise PapmError(f"--set expects key=value, got {item!r}; write --set {item.strip() or 'KEY'}=VALUE")
             k, v = item.split("=", 1)
             values[k.strip()] = v.strip()
         return cls.from_mapping(values, base, source="--set")
@@ -289,10 +289,10 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise PapmError(f"{source} key {key!r} must be true or false, got {value!r}")
+        raise PapmError(f"{source} key {key!r} must be true or false (or yes/no, 1/0), got {value!r}; e.g. {key}=true")
     if typ == "int":
         if isinstance(value, bool):
-            raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}")
+            raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}; e.g. {key}=3")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -302,7 +302,7 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}")
+        raise PapmError(f"{source} key {key!r} must be an integer, got {value!r}; e.g. {key}=3")
     if typ == "float":
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -313,12 +313,12 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
             except ValueError:
                 pass
         if number is None:
-            raise PapmError(f"{source} key {key!r} must be a number, got {value!r}")
+            raise PapmError(f"{source} key {key!r} must be a number, got {value!r}; e.g. {key}=0.5")
         if not math.isfinite(number):  # nan and inf pass every comparison check below them, so refuse them here
-            raise PapmError(f"{source} key {key!r} must be a finite number, got {value!r}")
+            raise PapmError(f"{source} key {key!r} must be a finite number, got {value!r}; give a finite value (no nan or inf)")
         return number
     if typ == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise PapmError(f"{source} key {key!r} must be a string, got {value!r}")
+        raise PapmError(f"{source} key {key!r} must be a string, got {value!r}; quote it in a config file")
     raise PapmError(f"{source} key {key!r} has unsupported type {typ}")

@@ -247,9 +247,10 @@ def load_dataset(
     native_c, native_s = NATIVE_SHAPE[name]
     in_channels, image_size = in_channels or native_c, image_size or native_s
     if not 8 <= image_size <= 512:
-        raise PapmError(f"image size must be in [8, 512], got {image_size}")
+        raise PapmError(f"image size must be in [8, 512], got {image_size}; give a size from 8 to 512 (--image-size, or "
+                        "image-size in a run config)")
     if in_channels not in (1, 3):
-        raise PapmError(f"channels must be 1 (grey) or 3 (RGB), got {in_channels}")
+        raise PapmError(f"channels must be 1 (grey) or 3 (RGB), got {in_channels}; give 1 or 3")
     if name == "digits":
         train, test, classes = _load_digits()
         hflip, source = False, "sklearn.datasets.load_digits"

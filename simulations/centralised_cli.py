@@ -26,6 +26,22 @@ def _number(text: str) -> float:
     return value
 
 
+def _positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1) (weight decay, label smoothing)."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {text!r}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--dataset", required=required, default=None,
                    help="digits (built in), cifar10, or imagefolder (with --data-root)" + ("" if required else "; default: the checkpoint's"))
@@ -45,10 +61,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     _add_data_args(t, required=True)
     t.add_argument("--width", type=_number, default=1.0, help="width multiplier (1.0 = 11.17M parameters at 10 classes)")
     t.add_argument("--epochs", type=positive_int, default=15)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=_number, default=0.05)
-    t.add_argument("--weight-decay", type=_number, default=5e-4)
-    t.add_argument("--label-smoothing", type=_number, default=0.0)
+    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--lr", type=_positive_number, default=0.05)
+    t.add_argument("--weight-decay", type=_fraction, default=5e-4)
+    t.add_argument("--label-smoothing", type=_fraction, default=0.0)
     t.add_argument("--val-fraction", type=_number, default=0.1, help="share of train held out for model selection")
     t.add_argument("--image-size", type=int, default=0,
                    help="images are resized (short side) and centre-cropped to this square size, 8-512 "
@@ -73,8 +89,8 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N (default 1)")
     p.add_argument("--apoz-samples", type=int, default=2048, help="group-class training samples used for APoZ")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (0 with --data-free)")
-    p.add_argument("--finetune-lr", type=_number, default=0.02)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--finetune-lr", type=_positive_number, default=0.02)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--emphasis", type=_number, default=4.0, help="weight of the group's classes vs the others (1 = none)")
     p.add_argument("--emphasis-mode", default="loss", help="loss (class-weighted loss) or sampling (weighted sampling)")
     p.add_argument("--kd", action="store_true", help="distil from the base model while fine-tuning")

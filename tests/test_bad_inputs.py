@@ -25,7 +25,13 @@ def one_error(r) -> str:
     (["train", "--dataset", "digits", "--lr", "inf"], "finite number"),
     (["train", "--dataset", "digits", "--lr", "nan"], "finite number"),
     (["train", "--dataset", "digits", "--width", "0"], "--width must be in (0, 16]"),
-    (["train", "--dataset", "digits", "--weight-decay", "-1"], "weight decay"),
+    (["train", "--dataset", "digits", "--weight-decay", "-1"], "--weight-decay: expected a number from 0 to below 1"),
+    (["train", "--dataset", "digits", "--lr", "-1"], "--lr: expected a number > 0, got '-1'"),
+    (["train", "--dataset", "digits", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["train", "--dataset", "digits", "--label-smoothing", "2"], "--label-smoothing: expected a number from 0 to below 1"),
+    (["simulate", "--set", "int8=maybe"], "'int8' must be true or false (or yes/no, 1/0), got 'maybe'; e.g. int8=true"),
+    (["simulate", "--set", "budget"], "--set expects key=value, got 'budget'; write --set budget=VALUE"),
+    (["deploy", "init", "KIT", "--superlink", "coordinator.lan"], "HOST:PORT, got 'coordinator.lan'; e.g. --superlink coordinator.lan:8000"),
     (["train", "--dataset", "digits", "--image-size", "4"], "image size must be in [8, 512]"),
     (["simulate", "--set", "base-lr=inf"], "finite number"),
     (["simulate", "--set", "seed=-1"], "seed must be >= 0"),
@@ -51,6 +57,7 @@ def test_bad_arguments_are_one_line(tmp_path, args, needle):
     line = one_error(run_papm(*args, "--flwr-home", tmp_path / "fh") if args[0] == "deploy" else
                      run_papm(*args, cwd=tmp_path))
     assert needle in line, line
+    assert "; " in line, line  # a problem and its fix
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 

@@ -44,7 +44,7 @@ def test_file_then_set_overrides(tmp_path):
 def test_bad_overrides_are_named(items, needle):
     with pytest.raises(PapmError) as e:
         RunConfig.from_overrides(items)
-    assert needle in str(e.value)
+    assert needle in str(e.value) and "; " in str(e.value), str(e.value)  # a problem and its fix
 
 
 def test_bad_config_file(tmp_path):
