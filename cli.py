@@ -129,7 +129,8 @@ def cmd_simulate(args) -> int:
     summary = run_dir / "summary.md"
     if summary.exists() and not cfg.stop_after:
         print(summary.read_text())
-    print(f"run directory: {run_dir}  (group report: {run_dir / 'groups' / 'report.html'})")
+    report = run_dir / "groups" / "report.html"
+    print(f"run directory: {run_dir}" + (f"  (group report: {report})" if report.exists() else ""))
     return 0
 
 

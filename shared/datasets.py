@@ -210,7 +210,15 @@ def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tupl
         raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); at least 2 are needed")
     if len(wanted) == 2 and class_folders(root / "test") != classes:
         raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
-    loaded = {p: read_image_folder(root / p, classes, in_channels, image_size) for p in wanted}
+    loaded, problems = {}, []
+    for part in wanted:  # both splits read before refusing: one run names the bad files of train/ and test/
+        try:
+            loaded[part] = read_image_folder(root / part, classes, in_channels, image_size)
+        except PapmError as e:
+            problems.append(str(e))
+    if problems:
+        raise PapmError(problems[0] if len(problems) == 1 else
+                        " and ".join(m.rsplit("; ", 1)[0] for m in problems) + "; " + problems[-1].rsplit("; ", 1)[-1])
     if "train" in loaded and every_class:
         empty = [classes[c] for c in np.flatnonzero(np.bincount(loaded["train"][1], minlength=len(classes)) == 0)]
         if empty:  # a model trained so scores a class it never saw; a run stops at its statistics

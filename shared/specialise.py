@@ -111,7 +111,7 @@ def describe(settings: PruneSettings) -> str:
     else:
         criterion = {"papm": f"papm, alpha={settings.alpha:g}", "l1": "l1: filter norms", "apoz": "apoz",
                      "random": "random"}.get(settings.criterion, settings.criterion)
-        what = (f"remove {settings.budget:.0%} of the parameters ({criterion}"
+        what = (f"remove {settings.budget * 100:.3g}% of the parameters ({criterion}"  # 0.995: 99.5%, not 100%
                 + (f", {settings.steps} steps" if settings.schedule == "iterative" else "")
                 + (", data-free restoration" if settings.data_free else "") + ")")
     if settings.weight_bits:

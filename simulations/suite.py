@@ -191,7 +191,7 @@ def run_suite(suite: Suite, resume: bool = False, say: Callable[[str], None] = p
             diff = stored.differences(planned)
             if diff:
                 raise PapmError(f"{run_dir} was run with other settings than the suite file now gives ({', '.join(diff)} "
-                                "differ); the suite file changed: restore it, or run the changed suite in another --runs-dir")
+                                f"{'differs' if len(diff) == 1 else 'differ'}); the suite file changed: restore it, or run the changed suite in another --runs-dir")
         if resume and _finished(run_dir):
             say(f"[{i}/{total}] {run.name}: done earlier, skipped")
             record["runs"].setdefault(run.name, {})["status"] = "done"

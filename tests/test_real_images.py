@@ -96,6 +96,13 @@ def test_every_unreadable_photo_is_named_in_one_line(tmp_path):
         assert message.endswith("remove or replace those files")
     with pytest.raises(PapmError, match=r"cannot read image .*empty.png: .*; remove or replace the file"):
         load_images(files + [root / "train" / "circle" / "empty.png"], 3, 32, workers=1)
+    # bad files in train/ and in test/: one error names both splits' files (one run to clean the whole tree)
+    write_pattern_folder(root, per_class=4, size=36, parts=("test",))
+    (root / "test" / "square" / "zero.png").write_bytes(b"")
+    with pytest.raises(PapmError) as e:
+        load_dataset("imagefolder", root, image_size=32)
+    message = str(e.value)
+    assert all(b in message for b in bad) and "zero.png" in message and message.count("; ") == 1, message
 
 
 def test_16_bit_grey_images_keep_their_contrast(tmp_path):

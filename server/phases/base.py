@@ -34,8 +34,9 @@ def run(d: RunDriver) -> None:
     if cfg.base_checkpoint:
         model, ckpt_info, ckpt = load_checkpoint(cfg.base_checkpoint)
         if ckpt_info.class_names != info.class_names or (ckpt_info.in_channels, ckpt_info.image_size) != (info.in_channels, info.image_size):
-            raise PapmError(f"base checkpoint {cfg.base_checkpoint} has classes {ckpt_info.class_names} "
-                            f"({ckpt_info.in_channels}x{ckpt_info.image_size}) but the nodes have {info.class_names}; use a matching checkpoint")
+            raise PapmError(f"base checkpoint {cfg.base_checkpoint} has classes {ckpt_info.class_names} at "
+                            f"{ckpt_info.in_channels} channel(s) x {ckpt_info.image_size} pixels, but the nodes have "
+                            f"{info.class_names} at {info.in_channels} x {info.image_size}; use a matching checkpoint")
         info, args = ckpt_info, ckpt["model_args"]
     else:
         torch.manual_seed(cfg.seed)
