@@ -156,8 +156,9 @@ class RunDirectory:
                 raise PapmError(self.taken_message())
             diff = old.differences(cfg)
             if diff:
-                raise PapmError(f"{self.path} was started with a different config ({', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'}); "
-                                "resume with the same config or choose another --run-dir")
+                raise PapmError(f"{self.path} was started with a different config ({', '.join(diff)} "
+                                f"{'differs' if len(diff) == 1 else 'differ'}); resume with the same config or choose "
+                                "another --run-dir")
         else:
             self.check_free()
         self.path.mkdir(parents=True, exist_ok=True)

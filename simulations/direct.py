@@ -9,10 +9,12 @@ Not a deployment path: no isolation, no timeouts, one process.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from typing import Iterable
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.logger import update_console_handler
 from flwr.serverapp import Grid
 
 from ..client.client_app import app as client_app
@@ -85,6 +87,7 @@ def run_direct(cfg: RunConfig, node_configs: list[dict] | None = None, resume: b
     from ..shared.checkpoint import resolve_run_inputs
 
     cfg = resolve_run_inputs(cfg)
+    update_console_handler(colored=sys.stderr.isatty())  # colour codes on a terminal only, not in a redirected log
     if node_configs is None:
         node_configs = [{"partition-id": i, "num-partitions": cfg.nodes} for i in range(cfg.nodes)]
     RunDriver(DirectGrid(app or client_app, node_configs), cfg, resume=resume).run(PHASE_RUNNERS)

@@ -137,8 +137,8 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     elif run.exists():
         diff = run.read_config().differences(cfg)
         if diff:
-            raise PapmError(f"{run.path} was started with a different config ({', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'}); "
-                            "resume with the same config or choose another --run-dir")
+            raise PapmError(f"{run.path} was started with a different config ({', '.join(diff)} "
+                            f"{'differs' if len(diff) == 1 else 'differ'}); resume with the same config or choose another --run-dir")
         if all(run.is_done(p) for p in _expected(cfg)):
             return run.path  # finished: nothing to run, no Flower or Ray to start
     elif resume:
@@ -149,6 +149,9 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     from ..deploy.bundle import check_run_signing_key
 
     check_run_signing_key(cfg.sign_key)  # a bad key is one line before Ray starts, not after Flower's banner
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(colored=sys.stderr.isatty())  # colour codes on a terminal only, not in a redirected log
     # Offline: never try to install the app's dependencies; keep Ray quiet and local.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

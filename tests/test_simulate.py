@@ -53,6 +53,7 @@ def test_default_demo_end_to_end(tmp_path):
     assert "baseline (unsplit base model)" in summary and f"fusion (K pruned extractors + {head})" in summary
     assert "| fusion" in r.stdout and "| baseline" in r.stdout  # the results table is printed
     assert "DEPRECATED" not in r.stderr  # Flower's note about run_simulation is not the user's business
+    assert "\x1b[" not in r.stderr and "INFO :" in r.stderr  # Flower's log lines without colour codes off a terminal
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert {r["name"] for r in rows if r["row"] == "accuracy"} == {"baseline", "fusion"}
     assert len(_phase_lines(run, "base")) == 8 and len(_phase_lines(run, "fusion")) == 5
