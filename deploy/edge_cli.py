@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,6 +36,31 @@ def whole_number(minimum: int):
 
 
 positive_int, non_negative_int = whole_number(1), whole_number(0)
+
+
+def finite_number(text: str) -> float:
+    """argparse type: a finite number (nan and inf pass every range check after them, so they stop here)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def number_range(low: float, high: float = math.inf, low_included: bool = True):
+    """argparse type: a finite number from ``low`` (included or not) to below ``high``."""
+    def parse(text: str) -> float:
+        v = finite_number(text)
+        if not ((v >= low if low_included else v > low) and v < high):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if low_included else '>'} {low:g}"
+                                             + (f" and below {high:g}" if high < math.inf else "") + f", got {text!r}")
+        return v
+    return parse
+
+
+positive_number, fraction = number_range(0, low_included=False), number_range(0, 1)  # learning rates; decays, smoothing
 
 
 def _add_bundle_args(p: argparse.ArgumentParser, precision: bool = True) -> None:

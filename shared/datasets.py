@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import PapmError
+from .image_cache import read_image_tree
 from .images import class_folders, fit_array
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -195,38 +196,6 @@ def _load_cifar10(root: Path, download: bool):
 
 
 
-def _load_imagefolder(root: Path, in_channels: int, image_size: int, parts: tuple[str, ...], every_class: bool = True):
-    """The asked ``parts`` of an ImageFolder tree (``train`` and/or ``test``); a missing part is None. With
-    ``every_class``, a class folder of train/ without images is refused."""
-    from .image_cache import read_image_folder
-
-    wanted = [p for p in parts if (root / p).is_dir()]
-    if "train" in parts and "train" not in wanted:
-        raise PapmError(f"{root} is not an ImageFolder tree: it needs a train/<class>/ folder of images")
-    if "test" in parts and "train" not in parts and "test" not in wanted:
-        raise PapmError(f"{root} has no test/<class>/ folders; the coordinator evaluates on ROOT/test")
-    classes = class_folders(root / wanted[0])
-    if len(classes) < 2:
-        raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); at least 2 are needed")
-    if len(wanted) == 2 and class_folders(root / "test") != classes:
-        raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
-    loaded, problems = {}, []
-    for part in wanted:  # both splits read before refusing: one run names the bad files of train/ and test/
-        try:
-            loaded[part] = read_image_folder(root / part, classes, in_channels, image_size)
-        except PapmError as e:
-            problems.append(str(e))
-    if problems:
-        raise PapmError(problems[0] if len(problems) == 1 else
-                        " and ".join(m.rsplit("; ", 1)[0] for m in problems) + "; " + problems[-1].rsplit("; ", 1)[-1])
-    if "train" in loaded and every_class:
-        empty = [classes[c] for c in np.flatnonzero(np.bincount(loaded["train"][1], minlength=len(classes)) == 0)]
-        if empty:  # a model trained so scores a class it never saw; a run stops at its statistics
-            raise PapmError(f"{root / 'train'} has no images in class folder(s) {', '.join(empty)}; add images of every "
-                            "class or remove the empty folders (and the same classes from test/)")
-    return loaded.get("train"), loaded.get("test"), classes
-
-
 def load_dataset(
     name: str,
     root: str | Path | None = None,
@@ -272,7 +241,7 @@ def load_dataset(
         root = Path(root)
         if not root.is_dir():
             raise PapmError(f"data root {root} is not a folder; give an ImageFolder tree (train/<class>/..., test/<class>/...)")
-        train, test, classes = _load_imagefolder(root, in_channels, image_size, parts, every_class)
+        train, test, classes = read_image_tree(root, in_channels, image_size, parts, every_class)
         hflip, source = True, str(root.resolve())  # absolute: a checkpoint is read from other folders too
     empty = (np.zeros((0, in_channels, image_size, image_size), np.uint8), np.zeros(0, np.int64))
     xtr, ytr = train if train is not None else empty

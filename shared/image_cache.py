@@ -1,4 +1,5 @@
-"""Decoded ImageFolder splits, cached so a second run does not decode again.
+"""Decoded ImageFolder trees (``read_image_tree``: train/ and test/, checked), cached so a second run does not
+decode again.
 
 An ImageFolder split (``ROOT/train`` or ``ROOT/test``, one folder per class) is decoded in
 parallel with a progress bar, then kept as one uint8 array file in the cache folder
@@ -22,7 +23,7 @@ import numpy as np
 
 from .errors import PapmError
 from .files import atomic_write_bytes
-from .images import IMAGE_SUFFIXES, image_files, load_images
+from .images import IMAGE_SUFFIXES, class_folders, image_files, load_images
 
 PREPROCESS_VERSION = 4  # bump when images.load_image changes what it produces (2: 16-bit grey keeps its top 8 bits;
 # 3: photos turned upright by their EXIF orientation; 4: 32-bit integer and float grey files by their values' range)
@@ -86,3 +87,34 @@ def read_image_folder(folder: Path, classes: list[str], in_channels: int, image_
         except OSError:
             pass  # a read-only or full cache folder only costs the next run a decode
     return x, labels
+
+
+def read_image_tree(root: Path, in_channels: int, image_size: int, parts: tuple[str, ...], every_class: bool = True):
+    """The asked ``parts`` of an ImageFolder tree (``train`` and/or ``test``); a missing part is None. With
+    ``every_class``, a class folder of train/ without images is refused."""
+    wanted = [p for p in parts if (root / p).is_dir()]
+    if "train" in parts and "train" not in wanted:
+        raise PapmError(f"{root} is not an ImageFolder tree: it has no train/ folder; give a folder that holds "
+                        "train/<class>/ images")
+    if "test" in parts and "train" not in parts and "test" not in wanted:
+        raise PapmError(f"{root} has no test/<class>/ folders; give the coordinator a data-root that holds its test split")
+    classes = class_folders(root / wanted[0])
+    if len(classes) < 2:
+        raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); give at least 2 (one folder per class)")
+    if len(wanted) == 2 and class_folders(root / "test") != classes:
+        raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
+    loaded, problems = {}, []
+    for part in wanted:  # both splits read before refusing: one run names the bad files of train/ and test/
+        try:
+            loaded[part] = read_image_folder(root / part, classes, in_channels, image_size)
+        except PapmError as e:
+            problems.append(str(e))
+    if problems:
+        raise PapmError(problems[0] if len(problems) == 1 else
+                        " and ".join(m.rsplit("; ", 1)[0] for m in problems) + "; " + problems[-1].rsplit("; ", 1)[-1])
+    if "train" in loaded and every_class:
+        empty = [classes[c] for c in np.flatnonzero(np.bincount(loaded["train"][1], minlength=len(classes)) == 0)]
+        if empty:  # a model trained so scores a class it never saw; a run stops at its statistics
+            raise PapmError(f"{root / 'train'} has no images in class folder(s) {', '.join(empty)}; add images of every "
+                            "class or remove the empty folders (and the same classes from test/)")
+    return loaded.get("train"), loaded.get("test"), classes

@@ -12,34 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..deploy.edge_cli import non_negative_int, positive_int
-
-
-def _number(text: str) -> float:
-    """argparse type: a finite number (nan and inf pass every range check after them, so they stop here)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_number(text: str) -> float:
-    """argparse type: a finite number > 0 (a learning rate)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number in [0, 1) (weight decay, label smoothing)."""
-    value = _number(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {text!r}")
-    return value
+from ..deploy.edge_cli import finite_number, fraction, non_negative_int, positive_int, positive_number
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -59,13 +32,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_train_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the base ResNet-18 and save a self-describing checkpoint")
     _add_data_args(t, required=True)
-    t.add_argument("--width", type=_number, default=1.0, help="width multiplier (1.0 = 11.17M parameters at 10 classes)")
+    t.add_argument("--width", type=finite_number, default=1.0, help="width multiplier (1.0 = 11.17M parameters at 10 classes)")
     t.add_argument("--epochs", type=positive_int, default=15)
     t.add_argument("--batch-size", type=positive_int, default=128)
-    t.add_argument("--lr", type=_positive_number, default=0.05)
-    t.add_argument("--weight-decay", type=_fraction, default=5e-4)
-    t.add_argument("--label-smoothing", type=_fraction, default=0.0)
-    t.add_argument("--val-fraction", type=_number, default=0.1, help="share of train held out for model selection")
+    t.add_argument("--lr", type=positive_number, default=0.05)
+    t.add_argument("--weight-decay", type=fraction, default=5e-4)
+    t.add_argument("--label-smoothing", type=fraction, default=0.0)
+    t.add_argument("--val-fraction", type=finite_number, default=0.1, help="share of train held out for model selection")
     t.add_argument("--image-size", type=int, default=0,
                    help="images are resized (short side) and centre-cropped to this square size, 8-512 "
                         "(default: the dataset's own; 32 for imagefolder)")
@@ -80,22 +53,22 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="base checkpoint from `papm train`")
     _add_data_args(p, required=False)
     p.add_argument("--classes", required=True, help="the group's classes, ids or names: 3,5,8")
-    p.add_argument("--budget", type=_number, default=None,
+    p.add_argument("--budget", type=finite_number, default=None,
                    help="fraction of parameters to remove, in (0, 1): 0.77 keeps 23%% (with --sparsity unstructured: of the conv "
                         "weights to zero)")
     p.add_argument("--criterion", default=None, help="papm (default), l1, apoz or random (--data-free: l1 by default)")
-    p.add_argument("--alpha", type=_number, default=None, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ); "
+    p.add_argument("--alpha", type=finite_number, default=None, help="PAPM weight of the L2 term (1 - alpha weighs 1 - APoZ); "
                    "default 0.5, only with --criterion papm")
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N (default 1)")
     p.add_argument("--apoz-samples", type=int, default=2048, help="group-class training samples used for APoZ")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (0 with --data-free)")
-    p.add_argument("--finetune-lr", type=_positive_number, default=0.02)
+    p.add_argument("--finetune-lr", type=positive_number, default=0.02)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--emphasis", type=_number, default=4.0, help="weight of the group's classes vs the others (1 = none)")
+    p.add_argument("--emphasis", type=finite_number, default=4.0, help="weight of the group's classes vs the others (1 = none)")
     p.add_argument("--emphasis-mode", default="loss", help="loss (class-weighted loss) or sampling (weighted sampling)")
     p.add_argument("--kd", action="store_true", help="distil from the base model while fine-tuning")
-    p.add_argument("--kd-weight", type=_number, default=0.5)
-    p.add_argument("--kd-temperature", type=_number, default=4.0)
+    p.add_argument("--kd-weight", type=finite_number, default=0.5)
+    p.add_argument("--kd-temperature", type=finite_number, default=4.0)
     p.add_argument("--schedule", default="oneshot", help="oneshot (one cut, default) or iterative (--steps cuts, APoZ re-measured)")
     p.add_argument("--steps", type=int, default=None, help="cuts of the iterative schedule (default 3)")
     p.add_argument("--step-epochs", type=int, default=None, help="fine-tuning epochs between two cuts of the iterative "
