@@ -61,7 +61,8 @@ class KitSpec:
             raise PapmError(f"--days must be >= 1, got {self.days}; give the certificates' validity in days")
         host, _, port = self.superlink.rpartition(":")
         if not host or not port.isdigit():
-            raise PapmError(f"--superlink must be HOST:PORT, got {self.superlink!r}; e.g. --superlink {host or self.superlink or 'coordinator.lan'}:8000")
+            example = f"{host or self.superlink or 'coordinator.lan'}:8000"
+            raise PapmError(f"--superlink must be HOST:PORT, got {self.superlink!r}; e.g. --superlink {example}")
         if not 1 <= int(port) <= 65535:
             raise PapmError(f"--superlink port must be 1-65535, got {port}; e.g. {host}:8000")
         for h in [host.strip("[]"), *self.hosts]:

@@ -203,7 +203,8 @@ class EdgeRuntime:
                 chunk = paths[i : i + batch_size]
                 x, bad = self.read_images(chunk)
                 failed += bad
-                keep = [j for j, p in enumerate(chunk) if str(p) not in {b for b, _ in bad}]
+                bad_paths = {b for b, _ in bad}
+                keep = [j for j, p in enumerate(chunk) if str(p) not in bad_paths]
                 if keep:
                     yield from zip((chunk[j] for j in keep), softmax(self.logits(self.normalise(x[keep]))))
                 bar.update(len(chunk))
