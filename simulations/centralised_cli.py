@@ -140,9 +140,10 @@ def run_train(args) -> int:
     steps = len(batch_bounds(len(splits.train), settings.batch_size))
     if steps < 10:  # a few hundred photos at the default batch: a handful of steps in all, a model at chance
         smaller = max(8, 2 ** int(math.log2(max(1, len(splits.train) // 10))))
+        fix = (f"a smaller batch (e.g. --batch-size {smaller}) or more --epochs" if smaller < settings.batch_size
+               else "more --epochs or more images")
         print(f"warning: {len(splits.train)} training images at --batch-size {settings.batch_size} make {steps} step(s) "
-              f"per epoch, {steps * settings.epochs} in all; a small set trains better with a smaller batch "
-              f"(e.g. --batch-size {smaller}) or more --epochs", file=sys.stderr)
+              f"per epoch, {steps * settings.epochs} in all; a small set trains better with {fix}", file=sys.stderr)
     history = fit(model, splits.train, info, settings, device, val=splits.val, progress=_progress(args))
     if not all(math.isfinite(row["loss"]) for row in history):
         from ..shared.errors import PapmError
@@ -156,7 +157,7 @@ def run_train(args) -> int:
             "train_settings": vars(settings).copy()}
     save_checkpoint(out, model, margs, info, kind="base", meta=meta)
     val_text = (f"val accuracy {val_acc:.4f}" if len(splits.val)
-                else f"no validation split (--val-fraction 0): the last epoch's weights are kept")
+                else "no validation split (--val-fraction 0): the last epoch's weights are kept")
     if len(splits.test):
         print(f"{val_text}  test accuracy {test['accuracy']:.4f}")
     else:  # a tree with train/ only: the validation split is all there is to report
