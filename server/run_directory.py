@@ -22,7 +22,7 @@ from ..shared.checkpoint import load_checkpoint
 from ..shared.class_stats import ClassStatistics
 from ..shared.config import PHASES, RUNTIME_ONLY, RunConfig
 from ..shared.datasets import DatasetInfo
-from ..shared.errors import PapmError
+from ..shared.errors import PapmError, problem_and_fix
 from ..shared.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -82,7 +82,7 @@ class RunDirectory:
         try:
             model, _, ckpt = load_checkpoint(self.device_dir(k) / "pruned.pt")
         except PapmError as e:  # the checkpoint's own fix (`papm train`/`prune`) is not how a run's file comes back
-            raise PapmError(f"{str(e).rsplit('; ', 1)[0]}; this run's prune phase wrote it: put the file back from a copy, "
+            raise PapmError(f"{problem_and_fix(str(e))[0]}; this run's prune phase wrote it: put the file back from a copy, "
                             f"or run again from the start (`papm simulate --run-dir {self.path} --force`)") from None
         return model, ckpt["model_args"]
 
@@ -101,6 +101,11 @@ class RunDirectory:
             return json.loads(self.marker_file.read_text()).get("format") == MARKER_FORMAT
         except (OSError, ValueError, AttributeError):
             return False
+
+    def other_config_message(self, diff: list[str]) -> str:
+        """Why a resume with other settings is refused (``diff``: the keys that differ)."""
+        return (f"{self.path} was started with a different config ({', '.join(diff)} "
+                f"{'differs' if len(diff) == 1 else 'differ'}); resume with the same config or choose another --run-dir")
 
     def taken_message(self) -> str:
         if self.is_run():
@@ -156,9 +161,7 @@ class RunDirectory:
                 raise PapmError(self.taken_message())
             diff = old.differences(cfg)
             if diff:
-                raise PapmError(f"{self.path} was started with a different config ({', '.join(diff)} "
-                                f"{'differs' if len(diff) == 1 else 'differ'}); resume with the same config or choose "
-                                "another --run-dir")
+                raise PapmError(self.other_config_message(diff))
         else:
             self.check_free()
         self.path.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,12 @@ class PapmError(Exception):
     exit_code = 2
 
 
+def problem_and_fix(message: str) -> tuple[str, str]:
+    """(problem, fix) of a one-line message ``problem; fix``, to join several problems or give one another fix."""
+    problem, _, fix = message.rpartition("; ")
+    return (problem, fix) if problem else (message, "")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad arguments are one line, like every other error: ``error: <problem>; <fix>``, exit 2."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PapmError
+from .errors import PapmError, problem_and_fix
 from .files import atomic_write_bytes
 from .images import IMAGE_SUFFIXES, class_folders, image_files, load_images
 
@@ -111,7 +111,7 @@ def read_image_tree(root: Path, in_channels: int, image_size: int, parts: tuple[
             problems.append(str(e))
     if problems:
         raise PapmError(problems[0] if len(problems) == 1 else
-                        " and ".join(m.rsplit("; ", 1)[0] for m in problems) + "; " + problems[-1].rsplit("; ", 1)[-1])
+                        " and ".join(problem_and_fix(m)[0] for m in problems) + "; " + problem_and_fix(problems[-1])[1])
     if "train" in loaded and every_class:
         empty = [classes[c] for c in np.flatnonzero(np.bincount(loaded["train"][1], minlength=len(classes)) == 0)]
         if empty:  # a model trained so scores a class it never saw; a run stops at its statistics

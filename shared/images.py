@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .cpu import usable_cpus
-from .errors import PapmError
+from .errors import PapmError, problem_and_fix
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 64_000_000  # larger images are refused (a decompression bomb), not decoded
@@ -134,7 +134,7 @@ def unreadable_error(failed: list[tuple[str, str]], total: int) -> PapmError:
     if len(failed) == 1:
         return PapmError(failed[0][1])
     shown = ", ".join(p for p, _ in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-    first = failed[0][1].rsplit("; ", 1)[0]  # its own fix is the one below
+    first = problem_and_fix(failed[0][1])[0]  # its own fix is the one below
     return PapmError(f"cannot read {len(failed)} of {total} images: {shown} (the first: {first}); remove or replace those files")
 
 

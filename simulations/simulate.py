@@ -137,8 +137,7 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     elif run.exists():
         diff = run.read_config().differences(cfg)
         if diff:
-            raise PapmError(f"{run.path} was started with a different config ({', '.join(diff)} "
-                            f"{'differs' if len(diff) == 1 else 'differ'}); resume with the same config or choose another --run-dir")
+            raise PapmError(run.other_config_message(diff))
         if all(run.is_done(p) for p in _expected(cfg)):
             return run.path  # finished: nothing to run, no Flower or Ray to start
     elif resume:
