@@ -98,6 +98,38 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), info, ckpt
 
 
+TRAINING_STATE_FORMAT = "papm-training-state"
+
+
+def training_state_path(out: Path | str) -> Path:
+    """Where ``papm train --out out`` keeps its last finished epoch until ``out`` is written."""
+    return Path(out).with_name(Path(out).name + ".partial")
+
+
+def save_training_state(path: Path | str, command: dict, state: dict) -> Path:
+    """``fit``'s ``on_state`` dict with the ``command`` (data, model and settings) that produced it, written atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": TRAINING_STATE_FORMAT, "command": command, "state": state}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_training_state(path: Path | str, command: dict, device: torch.device | str = "cpu") -> dict:
+    """The state an interrupted run of the same ``command`` saved; one of another command is refused by what differs."""
+    start_over = "or pass --force to train from the start"
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError):
+        saved = None
+    if (not isinstance(saved, dict) or saved.get("format") != TRAINING_STATE_FORMAT or "state" not in saved
+            or not isinstance(saved.get("command"), dict)):
+        raise PapmError(f"{path} (an interrupted papm train's progress) is damaged; delete it {start_over}")
+    differs = sorted(k for k in {**command, **saved["command"]} if command.get(k) != saved["command"].get(k))
+    if differs:
+        raise PapmError(f"{path} holds an interrupted papm train started with a different {', '.join(differs)}; run that "
+                        f"command again to finish it, {start_over}")
+    return saved["state"]
+
+
 HEAD_FORMAT = "papm-fusion-head"
 
 

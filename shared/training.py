@@ -181,6 +181,8 @@ def fit(
     progress: bool | None = None,
     desc: str = "train",
     on_epoch: Callable[[int, dict], None] | None = None,
+    on_state: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; return one dict of metrics per epoch.
 
@@ -190,7 +192,9 @@ def fit(
     given as ``teacher_logits`` (a caller that fits several models on the same data computes them once);
     ``logit_shift`` (one value per class, ``label_shift``) is added to the logits in the cross-entropy only; ``grad_correction`` (parameter
     name -> tensor, SCAFFOLD's ``c - c_i``) is added to every step's gradient. With ``val`` and
-    ``settings.select_on_val`` the best-validation epoch's weights are kept.
+    ``settings.select_on_val`` the best-validation epoch's weights are kept. ``on_state`` receives, after every
+    epoch, everything the loop needs to go on (weights, optimiser, schedule, sampler, best-so-far, history); that
+    dict given back as ``resume`` continues the same schedule where it stopped, ending with the same weights.
     """
     settings.validate()
     device = torch.device(device)
@@ -237,8 +241,16 @@ def fit(
     history: list[dict] = []
     best = (-1.0, None)
     bar = tqdm(total=total, desc=desc, disable=(not progress) if progress is not None else None, leave=False)
-    step = 0
-    for epoch in range(math.ceil(total / steps_per_epoch)):
+    step, first_epoch = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        gen.set_state(resume["generator"])
+        first_epoch, step, history = resume["epoch"], resume["step"], list(resume["history"])
+        best = (resume["best_accuracy"], resume["best_model"])
+        bar.update(step)
+    for epoch in range(first_epoch, math.ceil(total / steps_per_epoch)):
         model.train()
         if sample_weights is not None:
             order = torch.multinomial(sample_weights.float(), n, replacement=True, generator=gen)
@@ -281,6 +293,10 @@ def fit(
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if on_state is not None:
+            on_state({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": sched.state_dict(), "generator": gen.get_state(), "best_accuracy": best[0],
+                      "best_model": best[1], "history": history})
     bar.close()
     if best[1] is not None:
         model.load_state_dict(best[1])

@@ -25,7 +25,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files (papm train: and start an "
+                   "interrupted training over)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -113,7 +114,7 @@ def _progress(args) -> bool | None:
 def run_train(args) -> int:
     import torch
 
-    from ..shared.checkpoint import save_checkpoint
+    from ..shared.checkpoint import read_training_state, save_checkpoint, save_training_state, training_state_path
     from ..shared.datasets import load_dataset
     from ..shared.files import refuse_existing
     from ..shared.models import ResNet18, count_params, model_args
@@ -144,10 +145,31 @@ def run_train(args) -> int:
                else "more --epochs or more images")
         print(f"warning: {len(splits.train)} training images at --batch-size {settings.batch_size} make {steps} step(s) "
               f"per epoch, {steps * settings.epochs} in all; a small set trains better with {fix}", file=sys.stderr)
-    history = fit(model, splits.train, info, settings, device, val=splits.val, progress=_progress(args))
+    # an interrupted run keeps its last finished epoch beside --out; the same command goes on from there (exactly)
+    partial = training_state_path(out)
+    command = {"dataset": info.name, "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
+               "classes": list(info.class_names), "image_size": info.image_size, "channels": info.in_channels,
+               "train_images": len(splits.train), "width": args.width, "val_fraction": args.val_fraction, **vars(settings)}
+    resume = None if args.force or not partial.exists() else read_training_state(partial, command, device)
+    done = [resume["epoch"] if resume else 0]
+    if resume:
+        print(f"resuming from {partial}: {done[0]} of {settings.epochs} epochs were done")
+
+    def keep_state(state: dict) -> None:
+        save_training_state(partial, command, state)
+        done[0] = state["epoch"]
+
+    try:
+        history = fit(model, splits.train, info, settings, device, val=splits.val, progress=_progress(args),
+                      on_state=keep_state, resume=resume)
+    except KeyboardInterrupt:
+        print(f"interrupted after {done[0]} of {settings.epochs} epochs; " + (
+            f"run the same command again to go on from {partial}" if done[0] else "nothing was saved"), file=sys.stderr)
+        return 130
     if not all(math.isfinite(row["loss"]) for row in history):
         from ..shared.errors import PapmError
 
+        partial.unlink(missing_ok=True)  # a diverged state is nothing to resume from
         raise PapmError(f"training diverged (loss {history[-1]['loss']} after epoch {len(history)}) at --lr {args.lr:g}; "
                         "lower --lr and train again (nothing was saved)")
     val_acc = evaluate(model, splits.val, info, device)["accuracy"] if len(splits.val) else None
@@ -156,6 +178,7 @@ def run_train(args) -> int:
             "per_class_test_accuracy": {info.class_names[c]: a for c, a in test["per_class"].items()},
             "train_settings": vars(settings).copy()}
     save_checkpoint(out, model, margs, info, kind="base", meta=meta)
+    partial.unlink(missing_ok=True)
     val_text = (f"val accuracy {val_acc:.4f}" if len(splits.val)
                 else "no validation split (--val-fraction 0): the last epoch's weights are kept")
     if len(splits.test):

@@ -146,3 +146,42 @@ def test_force_never_replaces_a_folder(tmp_path, base_ckpt):
                                     cwd=tmp_path))
     assert "is a folder" in line
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"
+
+
+def test_interrupted_train_resumes_from_its_last_epoch_and_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    import papm.shared.training as training
+    from papm.cli import main
+
+    def train(out, *extra):
+        return main(["train", "--dataset", "digits", "--width", "0.125", "--epochs", "3", "--quiet",
+                     "--out", str(tmp_path / out), *extra])
+
+    assert train("whole.pt") == 0 and not (tmp_path / "whole.pt.partial").exists()
+    augment, steps = training.augment_with_flips, []
+
+    def ctrl_c_in_epoch_3(*a, **k):  # 1,295 training images at batch 128: 11 steps an epoch
+        steps.append(1)
+        if len(steps) == 2 * 11 + 4:
+            raise KeyboardInterrupt
+        return augment(*a, **k)
+
+    monkeypatch.setattr(training, "augment_with_flips", ctrl_c_in_epoch_3)
+    capsys.readouterr()
+    assert train("base.pt") == 130
+    assert "interrupted after 2 of 3 epochs; run the same command again" in capsys.readouterr().err
+    assert not (tmp_path / "base.pt").exists() and (tmp_path / "base.pt.partial").is_file()
+    monkeypatch.setattr(training, "augment_with_flips", augment)
+    assert train("base.pt", "--lr", "0.1") == 2  # another command is refused, its progress kept
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "started with a different lr" in err and "--force" in err and "\n" not in err
+    assert train("base.pt") == 0
+    assert "resuming from" in capsys.readouterr().out and not (tmp_path / "base.pt.partial").exists()
+    (whole, _, a), (resumed, _, b) = (load_checkpoint(tmp_path / f) for f in ("whole.pt", "base.pt"))
+    assert a["meta"]["history"] == b["meta"]["history"] and len(b["meta"]["history"]) == 3
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
+    (tmp_path / "base.pt.partial").write_bytes(b"not a state")
+    assert train("other.pt") == 0  # only --out's own progress file counts
+    (tmp_path / "other.pt.partial").write_bytes(b"not a state")
+    assert train("other2.pt") == 0 and train("other.pt", "--force") == 0
+    (tmp_path / "third.pt.partial").write_bytes(b"not a state")
+    assert train("third.pt") == 2 and "is damaged" in capsys.readouterr().err
