@@ -47,6 +47,12 @@ def load_node_data(cfg: RunConfig, partition_id: int, num_partitions: int, own_d
     if not 0 <= partition_id < num_partitions:
         raise PapmError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; fix the node config")
     splits = _dataset(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction, cfg.image_size, cfg.channels, ("train",))
+    train_parts, val_parts = _partitions(cfg, splits, num_partitions)
+    return NodeData(splits.info, splits.train.subset(train_parts[partition_id]), splits.val.subset(val_parts[partition_id]))
+
+
+def _partitions(cfg: RunConfig, splits: DataSplits, num_partitions: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every node's (train, validation) indices: seeded, so each node computes the same split alone."""
     groups = None
     if cfg.partitioner == "by-group":
         # Before grouping exists, "by-group" data follows contiguous class blocks, one per device group.
@@ -54,7 +60,15 @@ def load_node_data(cfg: RunConfig, partition_id: int, num_partitions: int, own_d
     kw = dict(seed=cfg.seed, alpha=cfg.dirichlet_alpha, groups=groups, share=cfg.by_group_share)
     train_parts = partition(splits.train.y.numpy(), num_partitions, cfg.partitioner, min_size=cfg.min_partition_size, **kw)
     val_parts = partition(splits.val.y.numpy(), num_partitions, cfg.partitioner, min_size=0, **{**kw, "seed": cfg.seed + 1})
-    return NodeData(splits.info, splits.train.subset(train_parts[partition_id]), splits.val.subset(val_parts[partition_id]))
+    return train_parts, val_parts
+
+
+def check_partitions(cfg: RunConfig) -> None:
+    """The partition every simulated node makes of the shared data, made once before any node starts: a config
+    that cannot be split is one line, not one refusal per node. Read uncached: the coordinator keeps no train split."""
+    splits = load_dataset(cfg.dataset, cfg.data_root or None, split_seed=cfg.seed, val_fraction=cfg.val_fraction,
+                          image_size=cfg.image_size, in_channels=cfg.channels, parts=("train",))
+    _partitions(cfg, splits, cfg.nodes)
 
 
 def server_test_split(cfg: RunConfig) -> DataSplits:

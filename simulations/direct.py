@@ -89,5 +89,8 @@ def run_direct(cfg: RunConfig, node_configs: list[dict] | None = None, resume: b
     cfg = resolve_run_inputs(cfg)
     update_console_handler(colored=sys.stderr.isatty())  # colour codes on a terminal only, not in a redirected log
     if node_configs is None:
+        from ..shared.node_data import check_partitions
+
+        check_partitions(cfg)  # one line, not one refusal per node
         node_configs = [{"partition-id": i, "num-partitions": cfg.nodes} for i in range(cfg.nodes)]
     RunDriver(DirectGrid(app or client_app, node_configs), cfg, resume=resume).run(PHASE_RUNNERS)

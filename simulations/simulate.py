@@ -123,7 +123,7 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     from ..server.run_directory import RunDirectory
     from ..shared.checkpoint import resolve_run_inputs
     from ..shared.grouping import check_k
-    from ..shared.node_data import server_test_split
+    from ..shared.node_data import check_partitions, server_test_split
 
     cfg = resolve_run_inputs(cfg)
     # The server holds the test split anyway: check K against the classes before any work starts.
@@ -144,6 +144,7 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
         raise PapmError(f"nothing to resume: {run.path} holds no run; drop --resume to start one")
     else:
         run.check_free()
+    check_partitions(cfg)  # one line for nodes that cannot split the data, before Ray starts them all to say it
     check_writable(run.path, "run-dir", folder=True)  # one line now, not a traceback once Flower and Ray have started
     from ..deploy.bundle import check_run_signing_key
 

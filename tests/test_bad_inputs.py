@@ -41,6 +41,7 @@ def one_error(r) -> str:
     (["bench", "no-bundle", "--warmup", "-1"], "--warmup: must be >= 0"),
     (["simulate", "--set", "width=1e9"], "width must be in (0, 16]"),
     (["simulate", "--set", "nodes=0"], "nodes must be >= 1, got 0; set a valid value (--set KEY=VALUE"),
+    (["simulate", "--set", "nodes=200"], "cannot split 1295 samples across 200 nodes with at least 16 each; use fewer nodes"),
     (["simulate", "--config", "nope.toml"], "config file not found: nope.toml; check the path"),
     (["infer", "no-bundle", "x.png", "--bogus"], "papm infer: unrecognized arguments: --bogus; see `papm infer --help`"),
     (["export", "."], "is not a run directory (no base.pt or state.json)"),
@@ -204,7 +205,7 @@ def test_training_that_diverges_saves_nothing(tmp_path):
     out = tmp_path / "base.pt"
     line = one_error(run_papm("train", "--dataset", "digits", "--width", "0.125", "--epochs", "1", "--lr", "1e30",
                               "--out", out, "--quiet", cwd=tmp_path))
-    assert "training diverged" in line and not out.exists()
+    assert "training diverged" in line and not out.exists() and not (tmp_path / "base.pt.partial").exists()
 
 
 def test_a_run_with_a_junk_signing_key_stops_before_writing_anything(tmp_path):

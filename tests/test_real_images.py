@@ -260,6 +260,19 @@ def test_partitions_keep_a_minimum_size_or_refuse():
         partition(labels, 5, "by-group", groups=[[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]], share=1.0, min_size=40)
 
 
+def test_a_config_whose_nodes_cannot_split_the_data_stops_before_any_node_starts(tmp_path, monkeypatch):
+    """One line from the coordinator (the same partition every node would make), not one refusal per node."""
+    import papm.simulations.direct as direct
+    from papm.simulations.direct import run_direct
+
+    monkeypatch.setattr(direct, "RunDriver", lambda *a, **k: pytest.fail("the run started"))
+    cfg = RunConfig.from_overrides(["nodes=20", "partitioner=dirichlet", "dirichlet-alpha=0.01",
+                                    f"run-dir={tmp_path / 'run'}"])
+    with pytest.raises(PapmError, match="Dirichlet\\(alpha=0.01\\) left a node with fewer than min-partition-size=16"):
+        run_direct(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_label_skew_measures_how_far_node_mixes_are_from_the_pooled_mix():
     assert label_skew(np.array([[5, 5], [10, 10], [0, 0]])) == 0.0  # same mix; an empty node does not count
     assert label_skew(np.array([[7, 0], [0, 3]])) == pytest.approx(1.0)  # no class shared, whatever the sizes
