@@ -82,11 +82,10 @@ def quantize_int8(fp32_path: Path | str, out_path: Path | str, calibration: np.n
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if len(calibration) == 0:
         raise PapmError(f"no calibration data for {fp32_path.name}; INT8 needs some of the device's training images")
-    import onnxruntime as ort
+    from .onnx_export import onnx_session
 
-    opts = ort.SessionOptions()  # one thread: ORT's default pool pins threads to the host's cores (fails in a cpuset)
-    opts.intra_op_num_threads = 1
-    input_name = ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    # one thread: ORT's default pool pins threads to the host's cores (fails in a cpuset)
+    input_name = onnx_session(fp32_path, threads=1).get_inputs()[0].name
     out_path.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger().level
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
