@@ -82,10 +82,9 @@ def quantize_int8(fp32_path: Path | str, out_path: Path | str, calibration: np.n
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if len(calibration) == 0:
         raise PapmError(f"no calibration data for {fp32_path.name}; INT8 needs some of the device's training images")
-    from .onnx_export import onnx_session
+    import onnx
 
-    # one thread: ORT's default pool pins threads to the host's cores (fails in a cpuset)
-    input_name = onnx_session(fp32_path, threads=1).get_inputs()[0].name
+    input_name = onnx.load(str(fp32_path)).graph.input[0].name  # the image: torch.onnx keeps initializers out of the inputs
     out_path.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger().level
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
