@@ -125,8 +125,9 @@ def read_training_state(path: Path | str, command: dict, device: torch.device | 
         raise PapmError(f"{path} (an interrupted papm train's progress) is damaged; delete it {start_over}")
     differs = sorted(k for k in {**command, **saved["command"]} if command.get(k) != saved["command"].get(k))
     if differs:
-        raise PapmError(f"{path} holds an interrupted papm train started with a different {', '.join(differs)}; run that "
-                        f"command again to finish it, {start_over}")
+        what = ", ".join(f"{k}={str(saved['command'].get(k))[:40]} (this command: {str(command.get(k))[:40]})" for k in differs)
+        raise PapmError(f"{path} holds an interrupted papm train started with {what}; run that command again to finish it, "
+                        f"{start_over}")
     return saved["state"]
 
 

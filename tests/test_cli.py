@@ -173,7 +173,7 @@ def test_interrupted_train_resumes_from_its_last_epoch_and_ends_with_the_uninter
     monkeypatch.setattr(training, "augment_with_flips", augment)
     assert train("base.pt", "--lr", "0.1") == 2  # another command is refused, its progress kept
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "started with a different lr" in err and "--force" in err and "\n" not in err
+    assert err.startswith("error: ") and "started with lr=0.05 (this command: 0.1)" in err and "--force" in err and "\n" not in err
     assert train("base.pt") == 0
     assert "resuming from" in capsys.readouterr().out and not (tmp_path / "base.pt.partial").exists()
     (whole, _, a), (resumed, _, b) = (load_checkpoint(tmp_path / f) for f in ("whole.pt", "base.pt"))
