@@ -14,7 +14,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from .shared.errors import OneLineParser
-    from .simulations.centralised_cli import add_groups_parser, add_prune_parser, add_train_parser
+    from .simulations.centralised_cli import add_groups_parser, add_prune_parser
+    from .simulations.train_cli import add_train_parser
 
     parser = OneLineParser(prog="papm", description="Split a trained ResNet across edge devices with PAPM pruning.")
     parser.add_argument("--version", action="version", version=f"papm {_version()}")
@@ -72,7 +73,7 @@ def _version() -> str:
 
 
 def cmd_train(args) -> int:
-    from .simulations.centralised_cli import run_train
+    from .simulations.train_cli import run_train
 
     return run_train(args)
 

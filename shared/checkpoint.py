@@ -99,6 +99,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
 
 
 TRAINING_STATE_FORMAT = "papm-training-state"
+TRAINING_STATE_VERSION = 1  # bump when fit's state or the model's layers change: an older file is refused, not misread
+TRAINING_STATE_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "generator", "best_accuracy", "best_model", "history")
 
 
 def training_state_path(out: Path | str) -> Path:
@@ -109,25 +111,50 @@ def training_state_path(out: Path | str) -> Path:
 def save_training_state(path: Path | str, command: dict, state: dict) -> Path:
     """``fit``'s ``on_state`` dict with the ``command`` (data, model and settings) that produced it, written atomically."""
     buf = io.BytesIO()
-    torch.save({"format": TRAINING_STATE_FORMAT, "command": command, "state": state}, buf)
+    torch.save({"format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "command": command, "state": state}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def read_training_state(path: Path | str, command: dict, device: torch.device | str = "cpu") -> dict:
-    """The state an interrupted run of the same ``command`` saved; one of another command is refused by what differs."""
-    start_over = "or pass --force to train from the start"
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError):
+def _read_training_state(path: Path) -> dict:
+    """The saved file, on the CPU (``fit`` moves it to the model's device); anything else at that path is refused: papm
+    neither overwrites nor deletes a file it did not write."""
+    try:  # a file of any content: torch's unpickler raises many kinds of errors on what is not its own
+        saved = torch.load(path, map_location="cpu", weights_only=True) if zipfile.is_zipfile(path) else None
+    except Exception:  # noqa: BLE001 - every one of them means "not a progress file"
         saved = None
-    if (not isinstance(saved, dict) or saved.get("format") != TRAINING_STATE_FORMAT or "state" not in saved
-            or not isinstance(saved.get("command"), dict)):
-        raise PapmError(f"{path} (an interrupted papm train's progress) is damaged; delete it {start_over}")
+    if not (isinstance(saved, dict) and saved.get("format") == TRAINING_STATE_FORMAT
+            and isinstance(saved.get("command"), dict) and isinstance(saved.get("state"), dict)):
+        raise PapmError(f"{path} is not papm train's progress file (or a damaged one), and papm train keeps its progress "
+                        "there; move it away or choose another --out")
+    return saved
+
+
+def _shown(value) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else f"{text[:38]}...{text[-38:]}"  # long paths differ at the end
+
+
+def training_progress(out: Path | str, command: dict, force: bool) -> dict | None:
+    """The state to resume ``papm train --out out`` from: None without a progress file, or with ``force`` (which removes
+    papm's own); one saved by another command or papm version is refused with what differs."""
+    path = training_state_path(out)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    if path.is_dir():
+        raise PapmError(f"{path} is a folder, and papm train keeps its progress there; move it or choose another --out")
+    saved = _read_training_state(path)
+    if force:
+        path.unlink()
+        return None
+    start_over = "pass --force to train from the start"
+    if saved.get("version") != TRAINING_STATE_VERSION or not set(TRAINING_STATE_KEYS) <= set(saved["state"]):
+        raise PapmError(f"{path} was written by another papm version (progress format {saved.get('version')}, this one "
+                        f"{TRAINING_STATE_VERSION}); {start_over}")
     differs = sorted(k for k in {**command, **saved["command"]} if command.get(k) != saved["command"].get(k))
     if differs:
-        what = ", ".join(f"{k}={str(saved['command'].get(k))[:40]} (this command: {str(command.get(k))[:40]})" for k in differs)
+        what = ", ".join(f"{k}={_shown(saved['command'].get(k))} (this command: {_shown(command.get(k))})" for k in differs)
         raise PapmError(f"{path} holds an interrupted papm train started with {what}; run that command again to finish it, "
-                        f"{start_over}")
+                        f"or {start_over}")
     return saved["state"]
 
 

@@ -2,6 +2,9 @@
 argument parser that reports bad arguments the same way."""
 
 import argparse
+import contextlib
+import signal
+import threading
 
 
 class PapmError(Exception):
@@ -24,3 +27,21 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (``kill``, a batch scheduler, systemd) raises KeyboardInterrupt, as Ctrl-C does, so a command stops
+    the same way: its finished work kept and said. Outside the main thread signals cannot be set: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

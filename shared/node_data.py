@@ -26,11 +26,13 @@ class NodeData:
     val: ImageSet  # the node's local evaluation split
 
 
-@lru_cache(maxsize=4)
-def _dataset(name: str, root: str, split_seed: int, val_fraction: float, image_size: int, channels: int,
-             parts: tuple[str, ...] = ("train", "test"), every_class: bool = True) -> DataSplits:
+def _read(name: str, root: str, split_seed: int, val_fraction: float, image_size: int, channels: int,
+          parts: tuple[str, ...] = ("train", "test"), every_class: bool = True) -> DataSplits:
     return load_dataset(name, root or None, split_seed=split_seed, val_fraction=val_fraction, image_size=image_size,
                         in_channels=channels, parts=parts, every_class=every_class)
+
+
+_dataset = lru_cache(maxsize=4)(_read)  # the nodes of one process (simulation workers, the direct engine) share a read
 
 
 def load_node_data(cfg: RunConfig, partition_id: int, num_partitions: int, own_data_root: str = "") -> NodeData:
@@ -63,11 +65,12 @@ def _partitions(cfg: RunConfig, splits: DataSplits, num_partitions: int) -> tupl
     return train_parts, val_parts
 
 
-def check_partitions(cfg: RunConfig) -> None:
+def check_partitions(cfg: RunConfig, keep: bool = False) -> None:
     """The partition every simulated node makes of the shared data, made once before any node starts: a config
-    that cannot be split is one line, not one refusal per node. Read uncached: the coordinator keeps no train split."""
-    splits = load_dataset(cfg.dataset, cfg.data_root or None, split_seed=cfg.seed, val_fraction=cfg.val_fraction,
-                          image_size=cfg.image_size, in_channels=cfg.channels, parts=("train",))
+    that cannot be split is one line, not one refusal per node. ``keep``: the nodes run in this process and reuse the
+    split read here; else it is not kept (a coordinator holds no train split)."""
+    splits = (_dataset if keep else _read)(cfg.dataset, cfg.data_root, cfg.seed, cfg.val_fraction, cfg.image_size,
+                                           cfg.channels, ("train",))
     _partitions(cfg, splits, cfg.nodes)
 
 

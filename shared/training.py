@@ -250,54 +250,56 @@ def fit(
         first_epoch, step, history = resume["epoch"], resume["step"], list(resume["history"])
         best = (resume["best_accuracy"], resume["best_model"])
         bar.update(step)
-    for epoch in range(first_epoch, math.ceil(total / steps_per_epoch)):
-        model.train()
-        if sample_weights is not None:
-            order = torch.multinomial(sample_weights.float(), n, replacement=True, generator=gen)
-        else:
-            order = torch.randperm(n, generator=gen)
-        order = order.to(device)
-        seen, loss_sum, correct = 0, 0.0, 0
-        for start, stop in batch_bounds(n, settings.batch_size):
-            if step == total:
-                break
-            idx = order[start:stop]
-            xb, flipped = augment_with_flips(x_all[idx], info, gen)
-            xb = normalise(xb, info).contiguous(memory_format=memory_format)
-            yb = y_all[idx]
-            with autocast_for(device):
-                logits = model(xb)
-                shifted = logits.float() if logit_shift is None else logits.float() + logit_shift
-                loss = F.cross_entropy(shifted, yb, weight=class_weights, label_smoothing=settings.label_smoothing)
-                if teacher_logits is not None:  # the view (upright or mirrored) each image was trained on
-                    t_logits = teacher_logits[flipped.long() if teacher_logits.shape[0] == 2 else 0, idx]
-                    loss = (1 - kd_weight) * loss + kd_weight * distillation_loss(logits.float(), t_logits, kd_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p, c in corrected:
-                if p.grad is not None:
-                    p.grad.add_(c)
-            opt.step()
-            sched.step()
-            step += 1
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-            bar.update(1)
-        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
-        if val is not None and len(val) > 0:
-            row["val_accuracy"] = evaluate(model, val, info, device)["accuracy"]
-            if settings.select_on_val and row["val_accuracy"] > best[0]:
-                best = (row["val_accuracy"], copy.deepcopy(model.state_dict()))
-        bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}")
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-        if on_state is not None:
-            on_state({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": sched.state_dict(), "generator": gen.get_state(), "best_accuracy": best[0],
-                      "best_model": best[1], "history": history})
-    bar.close()
+    try:  # the bar is closed on Ctrl-C too, so the line after it starts clean
+        for epoch in range(first_epoch, math.ceil(total / steps_per_epoch)):
+            model.train()
+            if sample_weights is not None:
+                order = torch.multinomial(sample_weights.float(), n, replacement=True, generator=gen)
+            else:
+                order = torch.randperm(n, generator=gen)
+            order = order.to(device)
+            seen, loss_sum, correct = 0, 0.0, 0
+            for start, stop in batch_bounds(n, settings.batch_size):
+                if step == total:
+                    break
+                idx = order[start:stop]
+                xb, flipped = augment_with_flips(x_all[idx], info, gen)
+                xb = normalise(xb, info).contiguous(memory_format=memory_format)
+                yb = y_all[idx]
+                with autocast_for(device):
+                    logits = model(xb)
+                    shifted = logits.float() if logit_shift is None else logits.float() + logit_shift
+                    loss = F.cross_entropy(shifted, yb, weight=class_weights, label_smoothing=settings.label_smoothing)
+                    if teacher_logits is not None:  # the view (upright or mirrored) each image was trained on
+                        t_logits = teacher_logits[flipped.long() if teacher_logits.shape[0] == 2 else 0, idx]
+                        loss = (1 - kd_weight) * loss + kd_weight * distillation_loss(logits.float(), t_logits, kd_temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for p, c in corrected:
+                    if p.grad is not None:
+                        p.grad.add_(c)
+                opt.step()
+                sched.step()
+                step += 1
+                seen += len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == yb).sum())
+                bar.update(1)
+            row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
+            if val is not None and len(val) > 0:
+                row["val_accuracy"] = evaluate(model, val, info, device)["accuracy"]
+                if settings.select_on_val and row["val_accuracy"] > best[0]:
+                    best = (row["val_accuracy"], copy.deepcopy(model.state_dict()))
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}")
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+            if on_state is not None:
+                on_state({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "generator": gen.get_state(), "best_accuracy": best[0],
+                          "best_model": best[1], "history": history})
+    finally:
+        bar.close()
     if best[1] is not None:
         model.load_state_dict(best[1])
     model.to(memory_format=torch.contiguous_format)

@@ -91,6 +91,6 @@ def run_direct(cfg: RunConfig, node_configs: list[dict] | None = None, resume: b
     if node_configs is None:
         from ..shared.node_data import check_partitions
 
-        check_partitions(cfg)  # one line, not one refusal per node
+        check_partitions(cfg, keep=True)  # one line, not one refusal per node; the nodes below reuse the read
         node_configs = [{"partition-id": i, "num-partitions": cfg.nodes} for i in range(cfg.nodes)]
     RunDriver(DirectGrid(app or client_app, node_configs), cfg, resume=resume).run(PHASE_RUNNERS)

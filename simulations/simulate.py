@@ -128,6 +128,7 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     cfg = resolve_run_inputs(cfg)
     # The server holds the test split anyway: check K against the classes before any work starts.
     check_k(cfg.devices, server_test_split(cfg).info.num_classes)
+    check_partitions(cfg)  # one line for nodes that cannot split the data (not one per node once Ray started them)
     run = RunDirectory(cfg.run_dir)
     if force and run.path.exists():
         run.clear()  # only a run's own files, only in a folder marked as a run; anything else is refused
@@ -144,7 +145,6 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
         raise PapmError(f"nothing to resume: {run.path} holds no run; drop --resume to start one")
     else:
         run.check_free()
-    check_partitions(cfg)  # one line for nodes that cannot split the data, before Ray starts them all to say it
     check_writable(run.path, "run-dir", folder=True)  # one line now, not a traceback once Flower and Ray have started
     from ..deploy.bundle import check_run_signing_key
 

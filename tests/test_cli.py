@@ -149,6 +149,9 @@ def test_force_never_replaces_a_folder(tmp_path, base_ckpt):
 
 
 def test_interrupted_train_resumes_from_its_last_epoch_and_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
     import papm.shared.training as training
     from papm.cli import main
 
@@ -159,17 +162,18 @@ def test_interrupted_train_resumes_from_its_last_epoch_and_ends_with_the_uninter
     assert train("whole.pt") == 0 and not (tmp_path / "whole.pt.partial").exists()
     augment, steps = training.augment_with_flips, []
 
-    def ctrl_c_in_epoch_3(*a, **k):  # 1,295 training images at batch 128: 11 steps an epoch
+    def killed_in_epoch_3(*a, **k):  # 1,295 training images at batch 128: 11 steps an epoch
         steps.append(1)
         if len(steps) == 2 * 11 + 4:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a batch scheduler stops a job
         return augment(*a, **k)
 
-    monkeypatch.setattr(training, "augment_with_flips", ctrl_c_in_epoch_3)
+    monkeypatch.setattr(training, "augment_with_flips", killed_in_epoch_3)
     capsys.readouterr()
     assert train("base.pt") == 130
     assert "interrupted after 2 of 3 epochs; run the same command again" in capsys.readouterr().err
     assert not (tmp_path / "base.pt").exists() and (tmp_path / "base.pt.partial").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone with it
     monkeypatch.setattr(training, "augment_with_flips", augment)
     assert train("base.pt", "--lr", "0.1") == 2  # another command is refused, its progress kept
     err = capsys.readouterr().err.strip()
@@ -179,9 +183,29 @@ def test_interrupted_train_resumes_from_its_last_epoch_and_ends_with_the_uninter
     (whole, _, a), (resumed, _, b) = (load_checkpoint(tmp_path / f) for f in ("whole.pt", "base.pt"))
     assert a["meta"]["history"] == b["meta"]["history"] and len(b["meta"]["history"]) == 3
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
-    (tmp_path / "base.pt.partial").write_bytes(b"not a state")
+
+
+def test_train_progress_files_of_other_versions_or_not_papms_are_refused_and_kept(tmp_path, capsys):
+    from papm.cli import main
+    from papm.shared.checkpoint import TRAINING_STATE_FORMAT
+
+    def train(out, *extra):
+        return main(["train", "--dataset", "digits", "--width", "0.125", "--epochs", "1", "--quiet",
+                     "--out", str(tmp_path / out), *extra])
+
+    def one_line_error():
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        return err
+
+    (tmp_path / "base.pt.partial").write_bytes(b"someone's notes")
     assert train("other.pt") == 0  # only --out's own progress file counts
-    (tmp_path / "other.pt.partial").write_bytes(b"not a state")
-    assert train("other2.pt") == 0 and train("other.pt", "--force") == 0
-    (tmp_path / "third.pt.partial").write_bytes(b"not a state")
-    assert train("third.pt") == 2 and "is damaged" in capsys.readouterr().err
+    for extra in ((), ("--force",)):  # papm neither overwrites nor deletes a file it did not write
+        assert train("base.pt", *extra) == 2 and "is not papm train's progress file" in one_line_error()
+        assert (tmp_path / "base.pt.partial").read_bytes() == b"someone's notes" and not (tmp_path / "base.pt").exists()
+    (tmp_path / "dir.pt.partial").mkdir()
+    assert train("dir.pt", "--force") == 2 and "is a folder" in one_line_error()
+    old = {"format": TRAINING_STATE_FORMAT, "version": 0, "command": {}, "state": {}}
+    torch.save(old, tmp_path / "old.pt.partial")
+    assert train("old.pt") == 2 and "written by another papm version" in one_line_error()
+    assert train("old.pt", "--force") == 0 and not (tmp_path / "old.pt.partial").exists()  # papm's own: replaced
