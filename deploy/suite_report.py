@@ -114,6 +114,9 @@ def collect(root: Path, measure_latency: bool = True) -> tuple[list[dict], list[
                "per_class": {c: (ev["base"]["per_class"].get(c), ev["fusion"]["per_class"].get(c)) for c in ev["base"]["per_class"]},
                "groups": [p.get("class_names", []) for p in parts]}
         rows.append(row)
+    started = {d.name for d in run_dirs}  # a run refused before it wrote anything (a partition it cannot make) has no folder
+    failed += [{"run": name, "error": e.get("error", "not run")} for name, e in sorted(suite.get("runs", {}).items())
+               if e.get("status") != "done" and name not in started]
     return rows, varying, failed
 
 
