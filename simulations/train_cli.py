@@ -7,6 +7,7 @@ the command runs.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -32,7 +33,6 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--out", default="base.pt")
     _add_common(t)
     return t
-
 
 
 def run_train(args) -> int:
