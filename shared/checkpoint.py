@@ -101,21 +101,27 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
 TRAINING_STATE_FORMAT = "papm-training-state"
 TRAINING_STATE_VERSION = 1  # bump when fit's state or the model's layers change: an older file is refused, not misread
 TRAINING_STATE_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "generator", "best_accuracy", "best_model", "history")
+# what each command's progress holds: `papm train` fit's state; `papm prune` the cut model and, once fine-tuning has
+# begun, fit's state (prune_pipeline.specialise's ``on_state``)
+PROGRESS_KEYS = {"train": TRAINING_STATE_KEYS,
+                 "prune": ("model_args", "model", "steps", "apoz_used", "masks", "fit", "seconds")}
 
 
 def training_state_path(out: Path | str) -> Path:
-    """Where ``papm train --out out`` keeps its last finished epoch until ``out`` is written."""
+    """Where ``papm train --out out`` (or ``papm prune``) keeps its last finished epoch until ``out`` is written."""
     return Path(out).with_name(Path(out).name + ".partial")
 
 
-def save_training_state(path: Path | str, command: dict, state: dict) -> Path:
-    """``fit``'s ``on_state`` dict with the ``command`` (data, model and settings) that produced it, written atomically."""
+def save_training_state(path: Path | str, command: dict, state: dict, tool: str = "train") -> Path:
+    """``fit``'s ``on_state`` dict (or ``papm prune``'s, ``tool="prune"``) with the ``command`` (data, model and
+    settings) that produced it, written atomically."""
     buf = io.BytesIO()
-    torch.save({"format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "command": command, "state": state}, buf)
+    torch.save({"format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "tool": tool, "command": command,
+                "state": state}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _read_training_state(path: Path) -> dict:
+def _read_training_state(path: Path, tool: str) -> dict:
     """The saved file, on the CPU (``fit`` moves it to the model's device); anything else at that path is refused: papm
     neither overwrites nor deletes a file it did not write."""
     try:  # a file of any content: torch's unpickler raises many kinds of errors on what is not its own
@@ -124,7 +130,7 @@ def _read_training_state(path: Path) -> dict:
         saved = None
     if not (isinstance(saved, dict) and saved.get("format") == TRAINING_STATE_FORMAT
             and isinstance(saved.get("command"), dict) and isinstance(saved.get("state"), dict)):
-        raise PapmError(f"{path} is not papm train's progress file (or a damaged one), and papm train keeps its progress "
+        raise PapmError(f"{path} is not papm {tool}'s progress file (or a damaged one), and papm {tool} keeps its progress "
                         "there; move it away or choose another --out")
     return saved
 
@@ -134,27 +140,32 @@ def _shown(value) -> str:
     return text if len(text) <= 80 else f"{text[:38]}...{text[-38:]}"  # long paths differ at the end
 
 
-def training_progress(out: Path | str, command: dict, force: bool) -> dict | None:
-    """The state to resume ``papm train --out out`` from: None without a progress file, or with ``force`` (which removes
-    papm's own); one saved by another command or papm version is refused with what differs."""
+def training_progress(out: Path | str, command: dict, force: bool, tool: str = "train") -> dict | None:
+    """The state to resume ``papm train --out out`` (or ``papm prune``: ``tool``) from: None without a progress file,
+    or with ``force`` (which removes papm's own); one saved by another command or papm version is refused with what
+    differs."""
     path = training_state_path(out)
     if not (path.exists() or path.is_symlink()):
         return None
     if path.is_dir():
-        raise PapmError(f"{path} is a folder, and papm train keeps its progress there; move it or choose another --out")
-    saved = _read_training_state(path)
+        raise PapmError(f"{path} is a folder, and papm {tool} keeps its progress there; move it or choose another --out")
+    saved = _read_training_state(path, tool)
     if force:
         path.unlink()
         return None
-    start_over = "pass --force to train from the start"
-    if saved.get("version") != TRAINING_STATE_VERSION or not set(TRAINING_STATE_KEYS) <= set(saved["state"]):
+    start_over = f"pass --force to {tool} from the start"
+    theirs = saved.get("tool", "train")  # the first progress files were papm train's and did not say so
+    if theirs != tool:
+        raise PapmError(f"{path} holds an interrupted papm {theirs}; finish it with that command, or {start_over} "
+                        "(which removes it)")
+    if saved.get("version") != TRAINING_STATE_VERSION or not set(PROGRESS_KEYS[tool]) <= set(saved["state"]):
         raise PapmError(f"{path} was written by another papm version (progress format {saved.get('version')}, this one "
                         f"{TRAINING_STATE_VERSION}); {start_over}")
     differs = sorted(k for k in {**command, **saved["command"]} if command.get(k) != saved["command"].get(k))
     if differs:
         what = ", ".join(f"{k}={_shown(saved['command'].get(k))} (this command: {_shown(command.get(k))})" for k in differs)
-        raise PapmError(f"{path} holds an interrupted papm train started with {what}; run that command again to finish it, "
-                        f"or {start_over}")
+        raise PapmError(f"{path} holds an interrupted papm {tool} started with {what}; run that command again to finish "
+                        f"it, or {start_over}")
     return saved["state"]
 
 

@@ -1,6 +1,7 @@
 """`papm prune`'s pipeline on one machine: APoZ on the group's data -> the cut (one, or ``steps`` with a short
 recovery between them; or single weights; or a data-free cut) -> BatchNorm re-estimation -> fine-tuning with the
-group's classes emphasised -> low-bit weights, with the accuracy after every stage in the report.
+group's classes emphasised -> low-bit weights, with the accuracy after every stage in the report. With ``on_state`` the
+cut model and each fine-tuning epoch are handed out to be kept; ``resume`` goes on from there (``papm prune``'s resume).
 
 The pieces (settings, APoZ, one cut, fine-tuning) are in ``specialise.py``, which the Flower client uses too.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import torch
@@ -18,6 +20,7 @@ from .bn import recalibrate_bn
 from .compression import dense_runtime_note, masks_kept, quantize_weights, size_report, sparsity_masks
 from .datasets import DataSplits
 from .importance import count_zero_activations
+from .models import build_model
 from .pruning import macs_and_params
 from .restore import restore_after_pruning
 from .sparsity import MaskKeeper
@@ -26,7 +29,7 @@ from .training import fit
 
 
 def _recover(model: nn.Module, splits: DataSplits, classes: list[int], settings: PruneSettings, epochs: int,
-             device, progress, desc: str, teacher: nn.Module | None) -> list[dict]:
+             device, progress, desc: str, teacher: nn.Module | None, on_state=None, resume: dict | None = None) -> list[dict]:
     """Fine-tune the pruned model for ``epochs`` with the group's classes emphasised."""
     info = splits.info
     weights = group_weights(info.num_classes, classes, settings.emphasis)
@@ -35,7 +38,7 @@ def _recover(model: nn.Module, splits: DataSplits, classes: list[int], settings:
         class_weights=weights if settings.emphasis_mode == "loss" else None,
         sample_weights=weights[splits.train.y] if settings.emphasis_mode == "sampling" else None,
         teacher=teacher, kd_weight=settings.kd_weight, kd_temperature=settings.kd_temperature,
-        progress=progress, desc=desc,
+        progress=progress, desc=desc, on_state=on_state, resume=resume,
     )
 
 
@@ -87,19 +90,31 @@ def specialise(
     settings: PruneSettings,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    *,
+    on_state: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> tuple[nn.Module, dict, dict]:
     """APoZ -> prune (channels in one cut or ``steps``; or single weights) -> fine-tune -> low-bit weights.
 
-    Returns (compressed model, its model_args, report dict). The test split only measures."""
+    Returns (compressed model, its model_args, report dict). The test split only measures. ``on_state`` receives the
+    cut model (its ``model_args`` and weights, the cut's report rows, the sparsity masks) once the cut is made and again
+    with ``fit``'s state after every fine-tuning epoch; given back as ``resume`` it skips the cut and goes on with the
+    fine-tuning where it stopped, ending with the same weights."""
     settings.validate()
     info = splits.info
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - (resume["seconds"] if resume else 0.0)  # the report's time counts the interrupted run's too
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
     macs_before, params_before = macs_and_params(base.cpu(), example)
     teacher = copy.deepcopy(base) if settings.kd else None
-    model, args, keeper, apoz_used = copy.deepcopy(base).cpu(), base_args, None, None
-    if settings.sparsity != "none":  # single weights instead of channels: shapes stay
-        keeper = MaskKeeper(model, sparsity_masks(model, settings.sparsity, settings.budget))
+    model, args, keeper, apoz_used, masks = copy.deepcopy(base).cpu(), base_args, None, None, None
+    if resume is not None:  # the cut was made before the interruption: its model, rows and masks come back as they were
+        model, args, steps, apoz_used, masks = (build_model(resume["model_args"]), resume["model_args"], resume["steps"],
+                                                resume["apoz_used"], resume["masks"])
+        model.load_state_dict(resume["model"] if resume["fit"] is None else resume["fit"]["model"])
+        keeper = MaskKeeper(model, masks) if masks is not None else None
+    elif settings.sparsity != "none":  # single weights instead of channels: shapes stay
+        masks = sparsity_masks(model, settings.sparsity, settings.budget)
+        keeper = MaskKeeper(model, masks)
         nonzero = size_report(model)["nonzero_params"]
         steps = [_after_cut(model, {"step": 1, "params": nonzero, "reduction": round(1.0 - nonzero / params_before, 6)},
                             splits, classes, settings, device, settings.finetune.seed)]
@@ -110,10 +125,20 @@ def specialise(
         steps = [_after_cut(model, {"step": 1, "params": params_before, "reduction": 0.0}, splits, classes,
                             settings, device, settings.finetune.seed)]
     macs_after, params_after = macs_and_params(model, example)
-    history = []
+    history, keep = [], None
+    if on_state is not None and not settings.data_free and settings.finetune.epochs > 0:
+        cut = {"model_args": args, "steps": steps, "apoz_used": apoz_used, "masks": masks}
+
+        def keep(fit_state: dict | None) -> None:  # the cut's weights once; then fit's state holds the model
+            on_state({**cut, "model": model.state_dict() if fit_state is None else None, "fit": fit_state,
+                      "seconds": time.perf_counter() - t0})
+
+        if resume is None:
+            keep(None)
     if not settings.data_free:
         with masks_kept(keeper):
-            history = _recover(model, splits, classes, settings, settings.finetune.epochs, device, progress, "fine-tune", teacher)
+            history = _recover(model, splits, classes, settings, settings.finetune.epochs, device, progress, "fine-tune",
+                               teacher, on_state=keep, resume=resume["fit"] if resume else None)
     model = model.cpu().eval()
     after = accuracy_summary(model, splits.test, info, classes, device)
     if history:  # a fine-tuning step was taken

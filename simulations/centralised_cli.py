@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ..deploy.edge_cli import finite_number, non_negative_int, positive_int, positive_number
@@ -95,7 +96,7 @@ def _progress(args) -> bool | None:
 def run_prune(args) -> int:
     from ..shared.checkpoint import load_checkpoint, save_checkpoint
     from ..shared.datasets import load_dataset_like
-    from ..shared.errors import PapmError
+    from ..shared.errors import PapmError, sigterm_as_interrupt
     from ..shared.files import atomic_write_csv, atomic_write_json, refuse_existing
     from ..shared.prune_pipeline import specialise
     from ..shared.specialise import PruneSettings, describe, parse_classes
@@ -138,8 +139,19 @@ def run_prune(args) -> int:
     classes = parse_classes(args.classes, info)
     splits = load_dataset_like(info, args.dataset, args.data_root, args.download)
     print(f"compressing {args.checkpoint} toward classes {[info.class_names[c] for c in classes]}: {describe(settings)}")
-    model, margs, report = specialise(base, ckpt["model_args"], splits, classes, settings, device, progress=_progress(args))
+    partial, resume, keep_state, done = _prune_progress(args, out, splits, classes, settings)
+    try:
+        with sigterm_as_interrupt():
+            model, margs, report = specialise(base, ckpt["model_args"], splits, classes, settings, device,
+                                              progress=_progress(args), on_state=keep_state, resume=resume)
+    except KeyboardInterrupt:
+        epochs = settings.finetune.epochs
+        print("interrupted " + (f"after {done[0]} of {epochs} fine-tuning epochs; run the same command again to go on "
+                                f"from {partial} (the cut is kept)" if partial.exists() else
+                                "before the cut was made; nothing was saved"), file=sys.stderr)
+        return 130
     if not all(math.isfinite(row["loss"]) for row in report["history"]):
+        partial.unlink(missing_ok=True)  # a diverged state is nothing to resume from
         raise PapmError(f"fine-tuning diverged at --finetune-lr {args.finetune_lr:g}; lower it and prune again (nothing was saved)")
     report["latency"] = _latency(base, model, info)
     report["base_checkpoint"] = str(args.checkpoint)
@@ -150,6 +162,7 @@ def run_prune(args) -> int:
                           "sparsity": settings.sparsity, "weight_bits": settings.weight_bits, "data_free": settings.data_free})
     atomic_write_json(report_path, report)
     atomic_write_csv(steps_path, report["steps"])
+    partial.unlink(missing_ok=True)
     acc = report["accuracy"]
     size = report["size"]
     print(f"params {report['params_before']:,} -> {report['params_after']:,} ({report['nonzero_params']:,} non-zero; "
@@ -177,6 +190,34 @@ def run_prune(args) -> int:
         print(f"note: {report['dense_runtime_note']}")
     print(f"saved {out}, {report_path} and {steps_path}")
     return 0
+
+
+def _prune_progress(args, out: Path, splits, classes: list[int], settings):
+    """``papm prune``'s progress beside ``--out`` (as ``papm train``'s): the cut model once it is made, then every
+    fine-tuning epoch. Returns (its path, the state to resume from or None, the saver, [fine-tuning epochs done])."""
+    from dataclasses import asdict
+
+    from ..shared.checkpoint import save_training_state, training_progress, training_state_path
+    from ..deploy.bundle import sha256_file
+
+    info = splits.info
+    command = {"checkpoint_sha256": sha256_file(args.checkpoint), "dataset": info.name,
+               "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
+               "classes": classes, "image_size": info.image_size, "train_images": len(splits.train),
+               **{k: v for k, v in asdict(settings).items() if k != "finetune"},
+               **{f"finetune_{k}": v for k, v in asdict(settings.finetune).items()}}
+    partial = training_state_path(out)
+    resume = training_progress(out, command, force=args.force, tool="prune")
+    done = [resume["fit"]["epoch"] if resume and resume["fit"] else 0]
+    if resume:
+        print(f"resuming from {partial}: the cut is made, {done[0]} of {settings.finetune.epochs} fine-tuning epochs "
+              "were done")
+
+    def keep_state(state: dict) -> None:
+        save_training_state(partial, command, state, tool="prune")
+        done[0] = state["fit"]["epoch"] if state["fit"] else 0
+
+    return partial, resume, keep_state, done
 
 
 def _latency(base, model, info) -> dict:

@@ -209,3 +209,72 @@ def test_train_progress_files_of_other_versions_or_not_papms_are_refused_and_kep
     torch.save(old, tmp_path / "old.pt.partial")
     assert train("old.pt") == 2 and "written by another papm version" in one_line_error()
     assert train("old.pt", "--force") == 0 and not (tmp_path / "old.pt.partial").exists()  # papm's own: replaced
+
+
+@pytest.mark.parametrize("cut, epochs_done", [(("--budget", "0.5", "--kd"), 1), (("--sparsity", "unstructured", "--budget", "0.6"), 0)],
+                         ids=["channels-kd-in-epoch-2", "unstructured-in-epoch-1"])
+def test_interrupted_prune_resumes_its_fine_tuning_and_ends_with_the_uninterrupted_model(tmp_path, base_ckpt, monkeypatch,
+                                                                                         capsys, cut, epochs_done):
+    import os
+    import signal
+
+    import papm.shared.checkpoint as checkpoint
+    import papm.shared.training as training
+    from papm.cli import main
+
+    def prune(out, *extra):
+        return main(["prune", str(base_ckpt), "--classes", "1,7", *cut, "--finetune-epochs", "3", "--quiet",
+                     "--out", str(tmp_path / out), *extra])
+
+    augment, save, calls, saves, armed = training.augment_with_flips, checkpoint.save_training_state, [], [], [False]
+
+    def counted(*a, **k):  # one call per fine-tuning step (and per teacher view before the first epoch)
+        calls.append(1)
+        if armed[0] and len(saves) == epochs_done + 1 and len(calls) == saves[-1] + 3:  # three steps into the epoch
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a batch scheduler stops a job
+        return augment(*a, **k)
+
+    def marked(*a, **k):  # the cut, then every epoch
+        saves.append(len(calls))
+        return save(*a, **k)
+
+    monkeypatch.setattr(training, "augment_with_flips", counted)
+    monkeypatch.setattr(checkpoint, "save_training_state", marked)
+    assert prune("whole.pt") == 0 and not (tmp_path / "whole.pt.partial").exists()
+    assert len(saves) == 4  # the cut (after BatchNorm re-estimation, which draws augmented batches too), epochs 1-3
+    epoch = saves[3] - saves[2]
+    before_epoch_1 = saves[1] - saves[0] - epoch  # the teacher's outputs, computed by fit once before its loop
+    calls.clear(), saves.clear()
+    armed[0] = True
+    capsys.readouterr()
+    assert prune("pruned.pt") == 130
+    assert f"interrupted after {epochs_done} of 3 fine-tuning epochs; run the same command again" in capsys.readouterr().err
+    assert not (tmp_path / "pruned.pt").exists() and not (tmp_path / "pruned.json").exists()
+    armed[0] = False
+    assert prune("pruned.pt", "--finetune-lr", "0.05") == 2  # another command is refused, the progress kept
+    err = capsys.readouterr().err.strip()
+    assert "started with finetune_lr=0.02 (this command: 0.05)" in err and "--force" in err and "\n" not in err
+    calls.clear()
+    assert prune("pruned.pt") == 0
+    assert f"the cut is made, {epochs_done} of 3 fine-tuning epochs were done" in capsys.readouterr().out
+    assert len(calls) == before_epoch_1 + (3 - epochs_done) * epoch  # neither the cut nor a finished epoch again
+    assert not (tmp_path / "pruned.pt.partial").exists()
+    (whole, _, _), (resumed, _, _) = (load_checkpoint(tmp_path / f) for f in ("whole.pt", "pruned.pt"))
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "pruned.json"))
+    assert a["history"] == b["history"] and a["steps"] == b["steps"] and a["accuracy"] == b["accuracy"]
+    assert b["nonzero_params"] == a["nonzero_params"] and b["kept_channels"] == a["kept_channels"]
+
+
+def test_prune_refuses_a_papm_train_progress_file_at_its_out_and_force_starts_over(tmp_path, base_ckpt, capsys):
+    from papm.cli import main
+    from papm.shared.checkpoint import save_training_state
+
+    save_training_state(tmp_path / "p.pt.partial", {"width": 0.25}, {"epoch": 1})  # an interrupted `papm train --out p.pt`
+    args = ["prune", str(base_ckpt), "--classes", "1", "--budget", "0.5", "--finetune-epochs", "1", "--quiet",
+            "--out", str(tmp_path / "p.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an interrupted papm train; finish it with that command, or pass --force" in err and "\n" not in err
+    assert (tmp_path / "p.pt.partial").is_file()
+    assert main([*args, "--force"]) == 0 and (tmp_path / "p.pt").is_file() and not (tmp_path / "p.pt.partial").exists()
