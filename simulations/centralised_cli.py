@@ -26,8 +26,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite existing output files (papm train: and start an "
-                   "interrupted training over)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files, and start an interrupted "
+                   "run over instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -146,9 +146,14 @@ def run_prune(args) -> int:
                                               progress=_progress(args), on_state=keep_state, resume=resume)
     except KeyboardInterrupt:
         epochs = settings.finetune.epochs
-        print("interrupted " + (f"after {done[0]} of {epochs} fine-tuning epochs; run the same command again to go on "
-                                f"from {partial} (the cut is kept)" if partial.exists() else
-                                "before the cut was made; nothing was saved"), file=sys.stderr)
+        if partial.exists():
+            said = (f"interrupted after {done[0]} of {epochs} fine-tuning epochs; run the same command again to go on "
+                    f"from {partial} (the cut is kept)")
+        elif settings.data_free or epochs == 0:
+            said = "interrupted; nothing was saved (a prune without fine-tuning starts over: it is the short part)"
+        else:
+            said = f"interrupted before {'every' if settings.schedule == 'iterative' else 'the'} cut was made; nothing was saved"
+        print(said, file=sys.stderr)
         return 130
     if not all(math.isfinite(row["loss"]) for row in report["history"]):
         partial.unlink(missing_ok=True)  # a diverged state is nothing to resume from
@@ -195,15 +200,21 @@ def run_prune(args) -> int:
 def _prune_progress(args, out: Path, splits, classes: list[int], settings):
     """``papm prune``'s progress beside ``--out`` (as ``papm train``'s): the cut model once it is made, then every
     fine-tuning epoch. Returns (its path, the state to resume from or None, the saver, [fine-tuning epochs done])."""
+    import hashlib
     from dataclasses import asdict
 
     from ..shared.checkpoint import save_training_state, training_progress, training_state_path
     from ..deploy.bundle import sha256_file
 
     info = splits.info
+    images = hashlib.sha256()  # the photos themselves: a folder whose images changed but not their count is other data
+    for part in (splits.train, splits.val, splits.test):
+        images.update(part.x.numpy().tobytes())
+        images.update(part.y.numpy().tobytes())
     command = {"checkpoint_sha256": sha256_file(args.checkpoint), "dataset": info.name,
                "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
                "classes": classes, "image_size": info.image_size, "train_images": len(splits.train),
+               "images_sha256": images.hexdigest(),
                **{k: v for k, v in asdict(settings).items() if k != "finetune"},
                **{f"finetune_{k}": v for k, v in asdict(settings.finetune).items()}}
     partial = training_state_path(out)

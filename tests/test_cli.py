@@ -8,7 +8,7 @@ import torch
 from papm.shared.checkpoint import load_checkpoint
 from papm.shared.models import count_params
 
-from conftest import run_papm, write_imagefolder_for_cli
+from conftest import run_papm, write_imagefolder_for_cli, write_pattern_folder
 
 
 def test_train_then_prune_end_to_end(tmp_path):
@@ -278,3 +278,35 @@ def test_prune_refuses_a_papm_train_progress_file_at_its_out_and_force_starts_ov
     assert "holds an interrupted papm train; finish it with that command, or pass --force" in err and "\n" not in err
     assert (tmp_path / "p.pt.partial").is_file()
     assert main([*args, "--force"]) == 0 and (tmp_path / "p.pt").is_file() and not (tmp_path / "p.pt.partial").exists()
+
+
+def test_prune_resume_refuses_photos_that_changed_but_kept_their_count(tmp_path, monkeypatch, capsys):
+    import os
+    import shutil
+    import signal
+
+    import papm.shared.training as training
+    from papm.cli import main
+
+    root = write_pattern_folder(tmp_path / "photos", per_class=8, size=16)
+    assert main(["train", "--dataset", "imagefolder", "--data-root", str(root), "--width", "0.125", "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "base.pt")]) == 0
+    args = ["prune", str(tmp_path / "base.pt"), "--classes", "circle", "--budget", "0.5", "--finetune-epochs", "2",
+            "--batch-size", "8", "--no-bn-recalibrate", "--quiet", "--out", str(tmp_path / "p.pt")]
+    augment = training.augment_with_flips
+
+    def stopped(*a, **k):  # the first fine-tuning step: the cut is saved by then
+        os.kill(os.getpid(), signal.SIGTERM)
+        return augment(*a, **k)
+
+    monkeypatch.setattr(training, "augment_with_flips", stopped)
+    assert main(args) == 130 and (tmp_path / "p.pt.partial").is_file()
+    monkeypatch.setattr(training, "augment_with_flips", augment)
+    first, second = sorted((root / "train" / "square").iterdir())[:2]
+    shutil.copyfile(second, first)  # one photo replaced by another: the same count, other data
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "images_sha256=" in err and "--force" in err and "\n" not in err
+    assert (tmp_path / "p.pt.partial").is_file() and not (tmp_path / "p.pt").exists()
+    assert main([*args, "--force"]) == 0 and not (tmp_path / "p.pt.partial").exists()
