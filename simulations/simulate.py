@@ -128,8 +128,11 @@ def simulate(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     cfg = resolve_run_inputs(cfg)
     # The server holds the test split anyway: check K against the classes before any work starts.
     check_k(cfg.devices, server_test_split(cfg).info.num_classes)
-    check_partitions(cfg)  # one line for nodes that cannot split the data (not one per node once Ray started them)
     run = RunDirectory(cfg.run_dir)
+    if not (resume and not force and run.exists() and all(run.is_done(p) for p in _expected(cfg))):
+        # one line for nodes that cannot split the data (not one per node once Ray started them); before --force clears
+        # an old run; not for a finished run, which reads no training data
+        check_partitions(cfg)
     if force and run.path.exists():
         run.clear()  # only a run's own files, only in a folder marked as a run; anything else is refused
     elif run.exists() and not resume:

@@ -130,6 +130,8 @@ def test_resume_of_a_finished_run_does_not_start_flower(tmp_path):
     run_direct(RunConfig.from_overrides([f"run-dir={run}", "nodes=2", "devices=2", "base-rounds=1", "base-epochs=1",
                                          "finetune-epochs=1", "fusion-rounds=1", "device=cpu"]))
     code = ("import sys; sys.modules['flwr.simulation'] = None; sys.modules['ray'] = None\n"
+            "import papm.shared.node_data as node_data\n"  # nor does it read the nodes' training data again
+            "node_data.check_partitions = lambda cfg: sys.exit('the training data was read')\n"
             "from papm.cli import main\n"
             f"sys.exit(main(['simulate', '--run-dir', {str(run)!r}, '--resume', '--set', 'nodes=2', '--set', 'devices=2',"
             " '--set', 'base-rounds=1', '--set', 'base-epochs=1', '--set', 'finetune-epochs=1', '--set', 'fusion-rounds=1',"
