@@ -203,8 +203,8 @@ def _prune_progress(args, out: Path, splits, classes: list[int], settings):
     import hashlib
     from dataclasses import asdict
 
-    from ..shared.checkpoint import save_training_state, training_progress, training_state_path
     from ..deploy.bundle import sha256_file
+    from ..shared.checkpoint import save_training_state, training_progress, training_state_path
 
     info = splits.info
     images = hashlib.sha256()  # the photos themselves: a folder whose images changed but not their count is other data
