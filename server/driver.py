@@ -239,7 +239,7 @@ class RunDriver:
             self.hello()
             for phase in PHASES:
                 if not self.rd.is_done(phase):
-                    t0, self.exchanges = time.perf_counter(), 0
+                    t0, self.exchanges = self.rd.start_clock(phase), 0  # a resumed phase counts its earlier time
                     log(INFO, "phase %s", phase)
                     runners[phase](self)
                     self.rd.mark_done(phase, seconds=round(time.perf_counter() - t0, 2), exchanges=self.exchanges)

@@ -37,6 +37,7 @@ RUN_OUTPUTS = ("progress", "config.json", "state.json", "metrics.jsonl", "base.p
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._clock: tuple[str, float] | None = None  # the running phase, and when its time (all invocations') began
 
     # ---- layout ---------------------------------------------------------------------
     @property
@@ -225,6 +226,14 @@ class RunDirectory:
     def is_done(self, phase: str) -> bool:
         return phase in self.completed()
 
+    def start_clock(self, phase: str) -> float:
+        """The ``time.perf_counter()`` value from which ``phase``'s seconds count: now, less the time earlier
+        invocations spent on it up to their last saved round (a phase resumed over several sessions reports its whole
+        time, not the last session's)."""
+        earlier = float(self.state().get("unfinished_seconds", {}).get(phase, 0.0))
+        self._clock = (phase, time.perf_counter() - earlier)
+        return self._clock[1]
+
     def mark_done(self, phase: str, **info: Any) -> None:
         assert phase in PHASES, phase
         state = self.state()
@@ -232,6 +241,7 @@ class RunDirectory:
         if phase not in done:
             done.append(phase)
         state.setdefault("phases", {})[phase] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        state.get("unfinished_seconds", {}).pop(phase, None)
         atomic_write_json(self.state_file, state)
         self.clear_progress(phase)  # its outputs are complete: the rounds are no longer needed
 
@@ -288,6 +298,8 @@ class RunDirectory:
         buf = io.BytesIO()
         torch.save(payload, buf)
         atomic_write_bytes(self.progress_file(phase), buf.getvalue())
+        if self._clock is not None and self._clock[0] == phase:  # the time that saved round's work took, kept with it
+            self.note("unfinished_seconds", {phase: round(time.perf_counter() - self._clock[1], 2)})
 
     def load_progress(self, phase: str) -> dict[str, Any] | None:
         path = self.progress_file(phase)

@@ -62,6 +62,11 @@ def test_a_run_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_one(t
     with pytest.raises(KeyboardInterrupt):
         run_direct(cfg, app=killer(message_type, at_round))
     assert _rounds(killed, label) == list(range(1, at_round + 1))  # the rounds before the kill, each once
+    phase = {"finetune": "prune"}.get(label, label)
+    state = json.loads((killed / "state.json").read_text())
+    assert state["unfinished_seconds"][phase] > 0  # the saved rounds' time, kept for the phase's total
+    state["unfinished_seconds"][phase] = 1000.0  # as if the killed session had worked on it for 1000 s
+    (killed / "state.json").write_text(json.dumps(state))
     trained = []
 
     def spy(msg, context):  # which round does the resumed run train first?
@@ -70,8 +75,13 @@ def test_a_run_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_one(t
             trained.append(json.loads(papm["jobs"])[0]["round"] if "jobs" in papm else json.loads(papm["round"]))
         return client_app(msg, context)
 
+    t0 = time.perf_counter()
     run_direct(cfg, resume=True, app=spy)
+    resumed_for = time.perf_counter() - t0
     assert trained[0] == at_round  # the round it was killed in is the first one trained again
+    state = json.loads((killed / "state.json").read_text())
+    assert 1000.0 < state["phases"][phase]["seconds"] < 1000.0 + resumed_for  # the phase's time over both invocations
+    assert phase not in state.get("unfinished_seconds", {})
     assert _rounds(killed, label) == list(range(1, rounds + 1))  # every round exactly once
     assert json.loads((killed / "state.json").read_text())["completed"] == list(PHASES)
     assert not (killed / "progress").exists() or not list((killed / "progress").iterdir())
