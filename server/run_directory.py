@@ -230,7 +230,9 @@ class RunDirectory:
         """The ``time.perf_counter()`` value from which ``phase``'s seconds count: now, less the time earlier
         invocations spent on it up to their last saved round (a phase resumed over several sessions reports its whole
         time, not the last session's)."""
-        earlier = float(self.state().get("unfinished_seconds", {}).get(phase, 0.0))
+        kept = self.state().get("unfinished_seconds")
+        earlier = kept.get(phase) if isinstance(kept, dict) else None  # a hand-edited state counts from now
+        earlier = float(earlier) if isinstance(earlier, (int, float)) and 0 <= earlier < float("inf") else 0.0
         self._clock = (phase, time.perf_counter() - earlier)
         return self._clock[1]
 
@@ -241,7 +243,8 @@ class RunDirectory:
         if phase not in done:
             done.append(phase)
         state.setdefault("phases", {})[phase] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        state.get("unfinished_seconds", {}).pop(phase, None)
+        if isinstance(state.get("unfinished_seconds"), dict):
+            state["unfinished_seconds"].pop(phase, None)
         atomic_write_json(self.state_file, state)
         self.clear_progress(phase)  # its outputs are complete: the rounds are no longer needed
 
