@@ -243,8 +243,11 @@ class RunDirectory:
         if phase not in done:
             done.append(phase)
         state.setdefault("phases", {})[phase] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        if isinstance(state.get("unfinished_seconds"), dict):
-            state["unfinished_seconds"].pop(phase, None)
+        kept = state.get("unfinished_seconds")
+        if isinstance(kept, dict):
+            kept.pop(phase, None)
+            if not kept:  # nothing of an unfinished phase is left to count
+                del state["unfinished_seconds"]
         atomic_write_json(self.state_file, state)
         self.clear_progress(phase)  # its outputs are complete: the rounds are no longer needed
 

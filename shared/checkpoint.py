@@ -112,12 +112,12 @@ def training_state_path(out: Path | str) -> Path:
     return Path(out).with_name(Path(out).name + ".partial")
 
 
-def save_training_state(path: Path | str, command: dict, state: dict, tool: str = "train") -> Path:
+def save_training_state(path: Path | str, command: dict, state: dict, tool: str = "train", device=None) -> Path:
     """``fit``'s ``on_state`` dict (or ``papm prune``'s, ``tool="prune"``) with the ``command`` (data, model and
-    settings) that produced it, written atomically."""
+    settings) that produced it and the ``device`` it ran on, written atomically."""
     buf = io.BytesIO()
     torch.save({"format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "tool": tool, "command": command,
-                "state": state}, buf)
+                "state": state, "device": None if device is None else str(device)}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -140,19 +140,20 @@ def _shown(value) -> str:
     return text if len(text) <= 80 else f"{text[:38]}...{text[-38:]}"  # long paths differ at the end
 
 
-def training_progress(out: Path | str, command: dict, force: bool, tool: str = "train") -> dict | None:
-    """The state to resume ``papm train --out out`` (or ``papm prune``: ``tool``) from: None without a progress file,
-    or with ``force`` (which removes papm's own); one saved by another command or papm version is refused with what
-    differs."""
+def training_progress(out: Path | str, command: dict, force: bool, tool: str = "train") -> tuple[dict | None, str | None]:
+    """The state to resume ``papm train --out out`` (or ``papm prune``: ``tool``) from and the device it was saved on
+    (None when not known): (None, None) without a progress file, or with ``force`` (which removes papm's own); one
+    saved by another command or papm version is refused with what differs. The device is no part of the command:
+    a run may move (a GPU's run finished on a CPU), it is then not bit-identical to an uninterrupted one."""
     path = training_state_path(out)
     if not (path.exists() or path.is_symlink()):
-        return None
+        return None, None
     if path.is_dir():
         raise PapmError(f"{path} is a folder, and papm {tool} keeps its progress there; move it or choose another --out")
     saved = _read_training_state(path, tool)
     if force:
         path.unlink()
-        return None
+        return None, None
     start_over = f"pass --force to {tool} from the start"
     theirs = saved.get("tool", "train")  # the first progress files were papm train's and did not say so
     if theirs != tool:
@@ -166,7 +167,15 @@ def training_progress(out: Path | str, command: dict, force: bool, tool: str = "
         what = ", ".join(f"{k}={_shown(saved['command'].get(k))} (this command: {_shown(command.get(k))})" for k in differs)
         raise PapmError(f"{path} holds an interrupted papm {tool} started with {what}; run that command again to finish "
                         f"it, or {start_over}")
-    return saved["state"]
+    return saved["state"], saved.get("device")
+
+
+def moved_device_warning(partial: Path, saved_on: str | None, device) -> str | None:
+    """The line to show when a run resumes on another device than the one its progress was saved on."""
+    if saved_on is None or saved_on == str(device):
+        return None
+    return (f"warning: {partial} was saved on {saved_on}, this run goes on on {device}: it goes on from the same "
+            "state, but its result is not bit-identical to an uninterrupted run on either")
 
 
 HEAD_FORMAT = "papm-fusion-head"

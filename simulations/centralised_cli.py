@@ -139,7 +139,7 @@ def run_prune(args) -> int:
     classes = parse_classes(args.classes, info)
     splits = load_dataset_like(info, args.dataset, args.data_root, args.download)
     print(f"compressing {args.checkpoint} toward classes {[info.class_names[c] for c in classes]}: {describe(settings)}")
-    partial, resume, keep_state, done = _prune_progress(args, out, splits, classes, settings)
+    partial, resume, keep_state, done = _prune_progress(args, out, splits, classes, settings, device)
     try:
         with sigterm_as_interrupt():
             model, margs, report = specialise(base, ckpt["model_args"], splits, classes, settings, device,
@@ -197,14 +197,14 @@ def run_prune(args) -> int:
     return 0
 
 
-def _prune_progress(args, out: Path, splits, classes: list[int], settings):
+def _prune_progress(args, out: Path, splits, classes: list[int], settings, device):
     """``papm prune``'s progress beside ``--out`` (as ``papm train``'s): the cut model once it is made, then every
     fine-tuning epoch. Returns (its path, the state to resume from or None, the saver, [fine-tuning epochs done])."""
     import hashlib
     from dataclasses import asdict
 
     from ..deploy.bundle import sha256_file
-    from ..shared.checkpoint import save_training_state, training_progress, training_state_path
+    from ..shared.checkpoint import moved_device_warning, save_training_state, training_progress, training_state_path
 
     info = splits.info
     images = hashlib.sha256()  # the photos themselves: a folder whose images changed but not their count is other data
@@ -218,14 +218,16 @@ def _prune_progress(args, out: Path, splits, classes: list[int], settings):
                **{k: v for k, v in asdict(settings).items() if k != "finetune"},
                **{f"finetune_{k}": v for k, v in asdict(settings.finetune).items()}}
     partial = training_state_path(out)
-    resume = training_progress(out, command, force=args.force, tool="prune")
+    resume, saved_on = training_progress(out, command, force=args.force, tool="prune")
     done = [resume["fit"]["epoch"] if resume and resume["fit"] else 0]
     if resume:
         print(f"resuming from {partial}: the cut is made, {done[0]} of {settings.finetune.epochs} fine-tuning epochs "
               "were done")
+        if moved := moved_device_warning(partial, saved_on, device):
+            print(moved, file=sys.stderr)
 
     def keep_state(state: dict) -> None:
-        save_training_state(partial, command, state, tool="prune")
+        save_training_state(partial, command, state, tool="prune", device=device)
         done[0] = state["fit"]["epoch"] if state["fit"] else 0
 
     return partial, resume, keep_state, done

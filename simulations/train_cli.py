@@ -38,7 +38,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 def run_train(args) -> int:
     import torch
 
-    from ..shared.checkpoint import save_checkpoint, save_training_state, training_progress, training_state_path
+    from ..shared.checkpoint import (moved_device_warning, save_checkpoint, save_training_state, training_progress,
+                                     training_state_path)
     from ..shared.datasets import load_dataset
     from ..shared.errors import sigterm_as_interrupt
     from ..shared.files import refuse_existing
@@ -76,13 +77,15 @@ def run_train(args) -> int:
                "classes": list(info.class_names), "image_size": info.image_size, "channels": info.in_channels,
                "train_images": len(splits.train), "mean": list(info.mean), "std": list(info.std), "width": args.width,
                "val_fraction": args.val_fraction, **vars(settings)}
-    resume = training_progress(out, command, force=args.force)
+    resume, saved_on = training_progress(out, command, force=args.force)
     done = [resume["epoch"] if resume else 0]
     if resume:
         print(f"resuming from {partial}: {done[0]} of {settings.epochs} epochs were done")
+        if moved := moved_device_warning(partial, saved_on, device):
+            print(moved, file=sys.stderr)
 
     def keep_state(state: dict) -> None:
-        save_training_state(partial, command, state)
+        save_training_state(partial, command, state, device=device)
         done[0] = state["epoch"]
 
     try:

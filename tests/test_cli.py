@@ -178,8 +178,14 @@ def test_interrupted_train_resumes_from_its_last_epoch_and_ends_with_the_uninter
     assert train("base.pt", "--lr", "0.1") == 2  # another command is refused, its progress kept
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "started with lr=0.05 (this command: 0.1)" in err and "--force" in err and "\n" not in err
+    partial = tmp_path / "base.pt.partial"  # saved on this CPU; made to say a GPU, as a run moved off one would
+    saved = torch.load(partial, weights_only=True)
+    assert saved["device"] == "cpu"
+    torch.save({**saved, "device": "cuda:0"}, partial)
     assert train("base.pt") == 0
-    assert "resuming from" in capsys.readouterr().out and not (tmp_path / "base.pt.partial").exists()
+    out, err = capsys.readouterr()
+    assert "resuming from" in out and not partial.exists()
+    assert f"warning: {partial} was saved on cuda:0, this run goes on on cpu" in err and "not bit-identical" in err
     (whole, _, a), (resumed, _, b) = (load_checkpoint(tmp_path / f) for f in ("whole.pt", "base.pt"))
     assert a["meta"]["history"] == b["meta"]["history"] and len(b["meta"]["history"]) == 3
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
@@ -256,7 +262,9 @@ def test_interrupted_prune_resumes_its_fine_tuning_and_ends_with_the_uninterrupt
     assert "started with finetune_lr=0.02 (this command: 0.05)" in err and "--force" in err and "\n" not in err
     calls.clear()
     assert prune("pruned.pt") == 0
-    assert f"the cut is made, {epochs_done} of 3 fine-tuning epochs were done" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"the cut is made, {epochs_done} of 3 fine-tuning epochs were done" in out
+    assert "warning" not in err  # saved and resumed on this CPU
     assert len(calls) == before_epoch_1 + (3 - epochs_done) * epoch  # neither the cut nor a finished epoch again
     assert not (tmp_path / "pruned.pt.partial").exists()
     (whole, _, _), (resumed, _, _) = (load_checkpoint(tmp_path / f) for f in ("whole.pt", "pruned.pt"))
