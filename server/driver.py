@@ -23,10 +23,12 @@ from flwr.serverapp import Grid
 from ..client.records import json_config, message_content, record_state, state_record
 from ..deploy.bundle import check_run_signing_key
 from ..shared.bn import BNSums, set_bn_statistics
+from ..shared.compression_options import check_budget_reachable
 from ..shared.config import PHASES, RunConfig
 from ..shared.datasets import DatasetInfo, ImageSet, mean_std_from_sums
 from ..shared.errors import PapmError
 from ..shared.grouping import check_k
+from ..shared.models import model_args
 from ..shared.node_data import server_test_split
 from ..shared.training import resolve_device
 from .messaging import exchange
@@ -202,6 +204,10 @@ class RunDriver:
                                      hflip=aug[0], crop_padding=aug[1], split_seed=self.cfg.seed,
                                      val_fraction=self.cfg.val_fraction, source=self.cfg.data_root)
         check_k(self.cfg.devices, len(names))  # more devices than classes: stop before any work
+        cut = self.cfg.compression()
+        if cut["sparsity"] == "none" and cut["budget"] is not None:  # a channel cut: its budget must be reachable
+            check_budget_reachable(cut["budget"], self.cfg.round_to, model_args(len(names), shape[0], self.cfg.width),
+                                   shape[1])
         log(INFO, "%d nodes: partition-ids %s; %d classes", len(self.nodes), pids, len(names))
 
     def node_by_pid(self) -> dict[int, int]:

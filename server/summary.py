@@ -85,7 +85,7 @@ def summary_markdown(cfg: RunConfig, info: DatasetInfo, ev: dict, curves: bool =
     ]
     for d in ev["devices"]:
         nonzero = d.get("size", {}).get("nonzero_params", d["params_after"])
-        lines.append(f"| {d['device']} | {' '.join(d['class_names'])} | {d['params_after']:,} | {nonzero:,} | {d['reduction']:.4f} | "
+        lines.append(f"| {d['device']} | {', '.join(d['class_names'])} | {d['params_after']:,} | {nonzero:,} | {d['reduction']:.4f} | "
                      f"{d['macs_after']:,} | {d['bytes']:,} | {_pct(d['test_accuracy']['all'])} | {_pct(d['test_accuracy']['group'])} |")
     if "bundle" in ev:
         acc = ev["bundle"]["accuracy"]
@@ -160,7 +160,7 @@ def summary_rows(info: DatasetInfo, ev: dict) -> list[dict]:
          "federated_accuracy": ev["federated"]["fusion_accuracy"]},
     ]
     for d in ev["devices"]:  # a device's own model alone: all classes, and its group's classes
-        rows.append({"row": "device", "name": f"device-{d['device']}:" + " ".join(d["class_names"]), **blank,
+        rows.append({"row": "device", "name": f"device-{d['device']}:" + ", ".join(d["class_names"]), **blank,
                      "params": d["params_after"], "fusion_accuracy": d["test_accuracy"]["all"],
                      "group_accuracy": d["test_accuracy"]["group"], "bytes": d["bytes"], "macs": d["macs_after"]})
     for name in info.class_names:

@@ -231,6 +231,9 @@ def resolve_run_inputs(cfg: RunConfig) -> RunConfig:
             width = float(ckpt["model_args"]["width"])
         except (TypeError, KeyError, ValueError) as e:
             raise PapmError(f"{cfg.base_checkpoint} has damaged metadata ({type(e).__name__}); re-create it with `papm train`") from None
+        if ckpt.get("kind") != "base":  # a pruned model would be reported as the unsplit base and pruned again
+            raise PapmError(f"base-checkpoint {cfg.base_checkpoint} is a {ckpt.get('kind')} checkpoint; give the base "
+                            "checkpoint it came from (`papm train`'s)")
         theirs = {"dataset": info.name, "image-size": info.image_size, "channels": info.in_channels}
         mine = {"dataset": cfg.dataset, "image-size": cfg.image_size, "channels": cfg.channels}
         for key, value in mine.items():

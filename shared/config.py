@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from .compression_options import LEVELS, check_compression
 from .errors import PapmError
+from .files import read_table_file
 
 # Config keys that do not change what a run computes (a resumed run may change them).
 RUNTIME_ONLY = ("run-dir", "device", "timeout", "stop-after", "progress", "node-timeout", "sign-key")
@@ -129,6 +130,10 @@ class RunConfig:
             for k in nest:
                 d = d.get(k, {}) if isinstance(d, dict) else {}
             if d:
+                stray = [k for k in data if k.replace("-", "_") in {f.name for f in fields(cls)}]
+                if stray:  # written above the table's header: it would be silently ignored
+                    raise PapmError(f"config file {path.name} sets {', '.join(stray)} outside its [{'.'.join(nest)}] "
+                                    "table, where nothing is read; move it into the table")
                 data = d
                 break
         return cls.from_mapping(data, base, source=f"config file {path.name}")
@@ -205,6 +210,9 @@ class RunConfig:
         need(self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}")
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         need(0.0 <= self.val_fraction < 0.5, f"val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        need(self.val_fraction > 0 or self.fusion_head != "auto",
+             "fusion-head=auto keeps the head the nodes' validation images like best, and val-fraction=0 leaves them none; "
+             "set val-fraction > 0 or fusion-head=fedavg (its last round) or lda")
         need(not self.level or (self.sparsity == "none" and self.weight_bits == 0 and self.weight_quant == "rtn"),
              f"level {self.level} sets sparsity and weight-bits itself (rounding to nearest); drop them (or drop level)")
         c = self.compression()
@@ -249,33 +257,6 @@ class RunConfig:
     def differences(self, other: "RunConfig") -> list[str]:
         a, b = self.to_flower(), other.to_flower()
         return [k for k in a if k not in RUNTIME_ONLY and a[k] != b[k]]
-
-
-def read_table_file(path: Path, what: str, holds: str) -> dict:
-    """The top-level table of a TOML or YAML file (by suffix); every failure is one error naming ``what``."""
-    if not path.is_file():
-        raise PapmError(f"{what} not found: {path}; check the path (relative paths start in the current folder)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PapmError(f"{what} {path} is not UTF-8 text; save it as UTF-8 TOML or YAML") from None
-    except OSError as e:
-        raise PapmError(f"cannot read {what} {path} ({e.strerror}); check the path and its permissions") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            import tomllib
-
-            data = tomllib.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PapmError(f"cannot parse {what} {path}: {first}") from None
-    if not isinstance(data, dict):
-        raise PapmError(f"{what} {path} must hold {holds}")
-    return data
 
 
 BASELINES = ("none", "one-model-device-budget", "one-model-total-budget")

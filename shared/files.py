@@ -174,3 +174,52 @@ def atomic_write_csv(path: Path | str, rows: list[dict]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, refusing a key written twice in one table (PyYAML keeps the last silently; TOML refuses)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is written twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def read_table_file(path: Path, what: str, holds: str) -> dict:
+    """The top-level table of a TOML or YAML file (by suffix); every failure is one error naming ``what``."""
+    if not path.is_file():
+        raise PapmError(f"{what} not found: {path}; check the path (relative paths start in the current folder)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PapmError(f"{what} {path} is not UTF-8 text; save it as UTF-8 TOML or YAML") from None
+    except OSError as e:
+        raise PapmError(f"cannot read {what} {path} ({e.strerror}); check the path and its permissions") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.load(text, Loader=_yaml_loader()) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if getattr(e, "problem", None):  # YAML: what is wrong, and where
+            mark = getattr(e, "problem_mark", None)
+            first = e.problem + (f" (line {mark.line + 1})" if mark else "")
+        raise PapmError(f"cannot parse {what} {path}: {first}; mend that line (each key once)") from None
+    if not isinstance(data, dict):
+        raise PapmError(f"{what} {path} must hold {holds}, not a {type(data).__name__}; write one key per line "
+                        "(TOML: key = value, YAML: key: value)")
+    return data

@@ -30,7 +30,7 @@ def _num(x: float):
 
 
 def groups_text(names: list[list[str]]) -> str:
-    return " | ".join(" ".join(g) for g in names)
+    return " | ".join(", ".join(g) for g in names)  # class names may hold spaces
 
 
 def leaf_order(similarity: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -131,7 +131,7 @@ def _html_page(analysis: GroupingAnalysis, png: bytes, run: dict | None) -> str:
     rows = rows_per_k(analysis)
     trs = "\n".join(
         f"<tr{' class=chosen' if r['k'] == chosen else ''}><td>{r['k']}</td><td>"
-        + "".join(f"<span class=g>{esc(' '.join(g))}</span>" for g in analysis.group_names(r["k"]))
+        + "".join(f"<span class=g>{esc(', '.join(g))}</span>" for g in analysis.group_names(r["k"]))
         + f"</td><td>{r['sizes']}</td><td>{r['mean_within_similarity']}</td><td>{r['confusion_within']}</td></tr>"
         for r in rows
     )
@@ -152,7 +152,7 @@ def _html_page(analysis: GroupingAnalysis, png: bytes, run: dict | None) -> str:
                     f"<td style='background:rgba(31,119,180,{min(1.0, 3 * n / total):.2f})'>{n}</td>" for n in counts
                 )
                 body += (f"<tr><td>{esc(str(node['node']))}</td><td>{node['group']}</td>"
-                         f"<td>{esc(' '.join(groups[node['group']]))}</td>{cells}</tr>")
+                         f"<td>{esc(', '.join(groups[node['group']]))}</td>{cells}</tr>")
             run_html += ("<h3>Which node serves which group (training samples per class on each node)</h3>"
                          f"<table><tr><th>node (partition-id)</th><th>group</th><th>classes</th>{head}</tr>{body}</table>")
     meta = (f"{analysis.num_classes} classes; similarity: {esc(analysis.similarity_kind)} of class-mean "

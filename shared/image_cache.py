@@ -75,7 +75,7 @@ def read_image_folder(folder: Path, classes: list[str], in_channels: int, image_
             x = np.load(path, allow_pickle=False)
             if x.shape == (len(files), in_channels, image_size, image_size) and x.dtype == np.uint8:
                 return x, labels
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # numpy raises EOFError for an empty file
             pass  # damaged: decode again below and replace it
     with tqdm(total=len(files), desc=f"decoding {folder.name}/", unit="img", leave=False, disable=None) as bar:
         x = load_images([f for f, _ in files], in_channels, image_size, progress=bar.update)
@@ -101,6 +101,9 @@ def read_image_tree(root: Path, in_channels: int, image_size: int, parts: tuple[
     classes = class_folders(root / wanted[0])
     if len(classes) < 2:
         raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); give at least 2 (one folder per class)")
+    if len(wanted) == 2 and not class_folders(root / "test"):
+        raise PapmError(f"{root}/test holds no class folders; put each class's test images in test/<class>/ "
+                        "(the class folders of train/), or remove the empty test/")
     if len(wanted) == 2 and class_folders(root / "test") != classes:
         raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
     loaded, problems = {}, []

@@ -18,6 +18,7 @@ weights, rebuilds the pruned model on a fresh process (``build_model``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import PapmError
-from .models import count_params, params_for_channels
+from .models import build_model, count_params, params_for_channels
 
 DEFAULT_TOLERANCE = 0.01  # reduction must land within 1 percentage point of the target
 
@@ -89,6 +90,22 @@ def _channels_for(base_channels: dict[str, int], groups: list[ScoredGroup], kept
     return channels
 
 
+def largest_reduction(model_args: dict, image_size: int, round_to: int = 1) -> float:
+    """The largest fraction of a model's parameters a channel cut can remove: every coupled group down to
+    ``round_to`` channels, the classifier whole (as :func:`prune_to_budget` cuts). The architecture alone decides it:
+    a run checks its budget against it before any work, not in its prune phase."""
+    from .importance import PAPMImportance
+
+    model = build_model(model_args)
+    names = {m: n for n, m in model.named_modules()}
+    with torch.enable_grad():  # Torch-Pruning traces with autograd
+        _, groups = score_groups(model, torch.zeros(1, model_args["in_channels"], image_size, image_size),
+                                 PAPMImportance(None, names, alpha=1.0))
+    kept = _kept_counts(groups, [len(g.scores) for g in groups], round_to)
+    smallest = params_for_channels({**model_args, "channels": _channels_for(model_args["channels"], groups, kept)})
+    return 1.0 - smallest / params_for_channels(model_args)
+
+
 def prune_to_budget(
     model: nn.Module,
     model_args: dict,
@@ -128,10 +145,11 @@ def prune_to_budget(
     lo, hi = 0, len(order)
     if plan(hi)[2] > target_params:
         smallest = plan(hi)[2]
+        largest = math.floor((1 - smallest / params_before) * 1000) / 1000  # rounded down: a budget that can be met
         raise PapmError(
             f"budget {budget:g} cannot be met: keeping {round_to} channel(s) per layer still leaves "
             f"{smallest}/{params_before} parameters (a reduction of {1 - smallest / params_before:.4f}); "
-            f"choose --budget <= {1 - smallest / params_before:.3f}" + (" or a smaller --round-to" if round_to > 1 else "")
+            f"choose a budget <= {largest:.3f}" + (" or a smaller round-to" if round_to > 1 else "")
         )
     while lo < hi:  # smallest k whose plan meets the target
         mid = (lo + hi) // 2
@@ -152,7 +170,7 @@ def prune_to_budget(
         raise PapmError(
             f"budget {budget:g} cannot be met within {tolerance:g}: the nearest cut removes "
             f"{1 - params / params_before:.4f} of the parameters (channels are removed in steps of {round_to}); "
-            "use a smaller --round-to or another --budget"
+            "use a smaller round-to or another budget"
         )
     k, channels, kept, params = best
     modules = dict(model.named_modules())

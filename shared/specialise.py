@@ -67,19 +67,21 @@ class PruneSettings:
         if self.criterion not in CRITERIA:
             raise PapmError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise PapmError(f"--alpha must be in [0, 1], got {self.alpha}")
+            raise PapmError(f"--alpha must be in [0, 1], got {self.alpha}; 0.5 weighs the weight norm and (1 - APoZ) "
+                            "alike, 1 the weight norm only")
         if self.emphasis_mode not in EMPHASIS_MODES:
             raise PapmError(f"unknown emphasis mode {self.emphasis_mode!r}; choose one of {', '.join(EMPHASIS_MODES)}")
         if not self.emphasis >= 1.0:
-            raise PapmError(f"--emphasis must be >= 1 (1 = no emphasis), got {self.emphasis}")
+            raise PapmError(f"--emphasis must be >= 1, got {self.emphasis}; 1 weighs every class alike, 4 (the "
+                            "default) the group's classes four times")
         if self.apoz_samples < 1:
-            raise PapmError(f"--apoz-samples must be >= 1, got {self.apoz_samples}")
+            raise PapmError(f"--apoz-samples must be >= 1, got {self.apoz_samples}; e.g. 512 images of the group's classes")
         if not 0.0 <= self.kd_weight <= 1.0:
-            raise PapmError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+            raise PapmError(f"--kd-weight must be in [0, 1], got {self.kd_weight}; 0.5 mixes the teacher's and the labels' loss alike")
         if not self.kd_temperature > 0:
-            raise PapmError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+            raise PapmError(f"--kd-temperature must be > 0, got {self.kd_temperature}; e.g. 4 (1: the teacher's plain softmax)")
         if self.round_to < 1:  # checked here, before any APoZ counting or training
-            raise PapmError(f"--round-to must be >= 1, got {self.round_to}")
+            raise PapmError(f"--round-to must be >= 1, got {self.round_to}; 1 keeps any channel count, 8 multiples of 8")
         self.finetune.validate()
         return self
 
@@ -140,7 +142,7 @@ def parse_classes(text: str | list, info: DatasetInfo) -> list[int]:
     if not ids:
         raise PapmError("--classes is empty; name the group's classes, e.g. --classes 3,5,8")
     if len(set(ids)) != len(ids):
-        raise PapmError(f"--classes names a class twice: {items}")
+        raise PapmError(f"--classes names a class twice: {items}; name each class once")
     return sorted(ids)
 
 

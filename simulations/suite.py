@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..shared.config import RunConfig, read_table_file
+from ..shared.config import RunConfig
 from ..shared.errors import PapmError
-from ..shared.files import atomic_write_json, check_writable
+from ..shared.files import atomic_write_json, check_writable, read_table_file
 
 SUITE_KEYS = ("name", "base", "grid", "seeds", "variants", "runs-dir", "engine")
 # what the base phase reads: runs equal in these (and the seed) can share one base model

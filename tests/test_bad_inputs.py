@@ -223,3 +223,28 @@ def test_an_imagefolder_tree_read_as_cifar10_says_which_dataset_it_is(tmp_path, 
                               "--run-dir", tmp_path / "run", cwd=tmp_path))
     assert "holds an ImageFolder tree" in line and "dataset=imagefolder" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_no_channel_cut_reaches_is_refused_before_any_work(tmp_path):
+    """budget=0.9999 of a width-0.125 ResNet-18 cannot be met (every layer kept at one channel still leaves more): the
+    run says so at its start, with the largest budget that can, not in its prune phase after the statistics; the
+    folder it started is not held, so the corrected command starts afresh."""
+    from papm.server.run_directory import RunDirectory
+    from papm.shared.config import RunConfig
+    from papm.shared.errors import PapmError
+    from papm.shared.pruning import largest_reduction
+    from papm.shared.models import model_args
+    from papm.simulations.direct import run_direct
+
+    cfg = RunConfig.from_overrides([f"run-dir={tmp_path / 'run'}", "width=0.125", "budget=0.9999", "device=cpu"])
+    with pytest.raises(PapmError) as e:
+        run_direct(cfg)
+    msg = str(e.value)
+    largest = float(msg.split("set budget <= ")[1])
+    assert msg.startswith("budget=0.9999 cannot be met:") and "\n" not in msg
+    assert largest <= largest_reduction(model_args(10, 1, 0.125), 8) < largest + 0.001  # the digits' 10 classes, 1x8x8
+    assert not (tmp_path / "run" / "base.pt").exists() and RunDirectory(tmp_path / "run").discard_failed_start()
+    # a budget that a cut reaches, and round-to making the largest one smaller
+    with pytest.raises(PapmError, match=r"budget=0.99 cannot be met: .* or a smaller round-to"):
+        run_direct(RunConfig.from_overrides([f"run-dir={tmp_path / 'run2'}", "width=0.125", "budget=0.99",
+                                             "round-to=8", "device=cpu"]))

@@ -82,14 +82,35 @@ def test_budget_outside_unit_interval(tmp_path, base_ckpt, budget):
 
 def test_budget_that_cannot_be_met(tmp_path, base_ckpt):
     line = _one_error_line(run_papm("prune", base_ckpt, "--classes", "1", "--budget", "0.9999", "--out", "p.pt", cwd=tmp_path))
-    assert "cannot be met" in line and "--budget <=" in line
+    assert "cannot be met" in line and "choose a budget <=" in line
     assert not (tmp_path / "p.pt").exists() and not (tmp_path / "p.json").exists()
+    largest = line.split("choose a budget <= ")[1].split()[0]  # the budget it suggests is one that can be met
+    done = run_papm("prune", base_ckpt, "--classes", "1", "--budget", largest, "--finetune-epochs", "0", "--out", "p.pt",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("classes,needle", [("3,12", "class id 12 is out of range"), ("3,three", "unknown class 'three'"), ("4,4", "twice")])
 def test_bad_classes(tmp_path, base_ckpt, classes, needle):
     line = _one_error_line(run_papm("prune", base_ckpt, "--classes", classes, "--budget", "0.5", cwd=tmp_path))
     assert needle in line
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"), (["--emphasis", "-1"], "--emphasis must be >= 1"),
+    (["--apoz-samples", "0"], "--apoz-samples must be >= 1"), (["--kd", "--kd-weight", "2"], "--kd-weight must be in [0, 1]"),
+    (["--kd", "--kd-temperature", "0"], "--kd-temperature must be > 0"), (["--round-to", "0"], "--round-to must be >= 1"),
+    (["--classes", "4,4"], "names a class twice")])
+def test_bad_prune_settings_say_the_problem_and_a_fix(tmp_path, base_ckpt, capsys, flags, needle):
+    from papm.cli import main
+
+    args = ["prune", str(base_ckpt), "--classes", "1", "--budget", "0.5", "--out", str(tmp_path / "p.pt"), *flags]
+    assert main(args) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and needle in line and "\n" not in line, line
+    problem, fix = line.split("; ", 1)
+    assert fix.strip(), line
+    assert not (tmp_path / "p.pt").exists()
 
 
 def test_existing_output_is_not_overwritten_without_force(tmp_path, base_ckpt):

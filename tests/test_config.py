@@ -40,11 +40,17 @@ def test_file_then_set_overrides(tmp_path):
     (["devices=5", "nodes=4"], "nodes (4) must be >= devices (5)"),
     (["criterion=taylor"], "criterion must be papm"),
     (["devices"], "--set expects key=value"),
+    (["val-fraction=0"], "fusion-head=auto keeps the head the nodes' validation images like best"),
 ])
 def test_bad_overrides_are_named(items, needle):
     with pytest.raises(PapmError) as e:
         RunConfig.from_overrides(items)
     assert needle in str(e.value) and "; " in str(e.value), str(e.value)  # a problem and its fix
+
+
+def test_no_validation_split_with_a_head_that_needs_none():
+    assert RunConfig.from_overrides(["val-fraction=0", "fusion-head=fedavg"]).val_fraction == 0
+    assert RunConfig.from_overrides(["val-fraction=0", "fusion-head=lda"]).fusion_head == "lda"
 
 
 def test_bad_config_file(tmp_path):
@@ -54,6 +60,28 @@ def test_bad_config_file(tmp_path):
     (tmp_path / "typo.toml").write_text("fusion_round = 3\n")
     with pytest.raises(PapmError, match="unknown config file typo.toml key 'fusion_round'"):
         RunConfig.from_file(tmp_path / "typo.toml")
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("dup.toml", "budget = 0.5\nbudget = 0.7\n", "cannot parse config file"),
+    ("dup.yaml", "budget: 0.5\nbudget: 0.7\n", "key 'budget' is written twice (line 2)"),  # PyYAML keeps 0.7 silently
+    ("nested-dup.yaml", "papm:\n  devices: 2\n  devices: 4\n", "key 'devices' is written twice (line 3)"),
+    ("stray.toml", "budget = 0.5\n[papm]\ndevices = 2\n", "sets budget outside its [papm] table"),
+    ("stray.yaml", "budget: 0.5\npapm:\n  devices: 2\n", "sets budget outside its [papm] table"),
+    ("list.yaml", "- devices: 2\n", "must hold a table of key = value pairs, not a list"),
+    ("bad.yaml", "devices: [2\n", "cannot parse config file"),
+])
+def test_config_files_that_would_be_misread_are_refused_in_one_line_with_a_fix(tmp_path, name, text, needle):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(PapmError) as e:
+        RunConfig.from_file(tmp_path / name)
+    msg = str(e.value)
+    assert needle in msg and "; " in msg and "\n" not in msg, msg
+
+
+def test_a_pyproject_keeps_its_other_tables_beside_the_run_config(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.flwr.app.config]\ndevices = 2\nnodes = 4\n')
+    assert (RunConfig.from_file(tmp_path / "pyproject.toml").devices, RunConfig.from_file(tmp_path / "pyproject.toml").nodes) == (2, 4)
 
 
 def test_simulate_rejects_bad_config_in_one_line(tmp_path):

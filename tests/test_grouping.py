@@ -217,7 +217,7 @@ def test_report_files_hold_the_analysis_they_are_given(tmp_path):
     assert [int(r["k"]) for r in rows] == sorted(analysis.partitions) == list(range(2, 11))
     for r in rows:
         k = int(r["k"])
-        groups = [[names.index(n) for n in g.split(" ")] for g in r["groups"].split(" | ")]
+        groups = [[names.index(n) for n in g.split(", ")] for g in r["groups"].split(" | ")]
         assert groups == analysis.partitions[k], k
         assert [int(n) for n in r["sizes"].split(",")] == [len(g) for g in analysis.partitions[k]]
         for column, values in (("mean_within_similarity", analysis.mean_within), ("confusion_within", analysis.confusion_share)):

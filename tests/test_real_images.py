@@ -63,6 +63,11 @@ def test_the_cache_decodes_once_and_notices_a_changed_file(tmp_path, monkeypatch
     third = load_dataset("imagefolder", root, image_size=24)
     assert len(calls) == 3
     assert int(third.train.x.sum()) + int(third.val.x.sum()) != int(first.train.x.sum()) + int(first.val.x.sum())
+    for damage in (b"", b"\x93NUMPY", b"junk" * 100):  # emptied (numpy: EOFError), cut short, overwritten
+        for f in (tmp_path / "cache").iterdir():
+            f.write_bytes(damage)
+        again = load_dataset("imagefolder", root, image_size=24)  # decoded again and the cache file replaced
+        assert torch.equal(again.train.x, third.train.x) and torch.equal(again.test.x, third.test.x)
     (tmp_path / "cache").chmod(0o500)  # a read-only cache costs a decode, never a failure
     try:
         load_dataset("imagefolder", root, image_size=20)
@@ -303,6 +308,12 @@ def test_run_inputs_come_from_the_checkpoint(tmp_path, base_ckpt):
     assert cfg.width == 0.125  # the checkpoint's (reported in summary.md), not the 0.25 default; another value is refused
     with pytest.raises(PapmError, match=r"width=0.5 conflicts with base-checkpoint .* \(width 0.125\)"):
         resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={base_ckpt}", "width=0.5"]))
+    from papm.shared.checkpoint import load_checkpoint, save_checkpoint
+
+    model, info, ckpt = load_checkpoint(base_ckpt)  # what `papm prune` writes: it would be reported as the unsplit base
+    save_checkpoint(tmp_path / "pruned.pt", model, ckpt["model_args"], info, kind="pruned")
+    with pytest.raises(PapmError, match=r"pruned.pt is a pruned checkpoint; give the base checkpoint it came from"):
+        resolve_run_inputs(RunConfig.from_overrides([f"base-checkpoint={tmp_path / 'pruned.pt'}"]))
     plain = resolve_run_inputs(RunConfig())
     assert (plain.dataset, plain.image_size, plain.channels) == ("digits", 8, 1)
     tree = resolve_run_inputs(RunConfig.from_overrides(["dataset=imagefolder", "data-root=x"]))
@@ -400,6 +411,19 @@ def test_a_device_with_other_classes_is_refused_in_one_line(tmp_path):
                          {"partition-id": 1, "num-partitions": 2, "data-root": str(odd)}])
     assert "partition-id 1 has classes ['circle', 'square', 'zigzag']" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run" / "base.pt").exists()
+
+
+def test_an_empty_test_folder_says_to_fill_or_remove_it(tmp_path):
+    import shutil
+
+    root = write_pattern_folder(tmp_path / "photos", per_class=4, size=16)
+    shutil.rmtree(root / "test")
+    (root / "test").mkdir()
+    with pytest.raises(PapmError, match=r"photos/test holds no class folders; put each class's test images in "
+                                        r"test/<class>/ \(the class folders of train/\), or remove the empty test/"):
+        load_dataset("imagefolder", root, image_size=16)
+    (root / "test").rmdir()  # as the fix says: then there is no test split
+    assert len(load_dataset("imagefolder", root, image_size=16).test) == 0
 
 
 def test_an_empty_class_folder_is_refused_where_every_class_must_be_learnt(tmp_path):

@@ -85,4 +85,4 @@ def run(d: RunDriver) -> None:
                      nodes_per_group=[sum(1 for gg in mapping.values() if gg == g) for g in range(k)])
     for g in range(k):
         members = [p for p, gg in mapping.items() if gg == g]
-        log(INFO, "group %d (%s): partition-ids %s", g, " ".join(info.class_names[c] for c in groups[g]), members)
+        log(INFO, "group %d (%s): partition-ids %s", g, ", ".join(info.class_names[c] for c in groups[g]), members)

@@ -91,8 +91,12 @@ def run(d: RunDriver) -> None:
     chosen = "lda" if lda is not None and lda["val"] > val[best] else "fedavg"  # auto: the LDA head only if it is better
     d.rd.log_metrics("fusion-selection", chosen_round=best + 1, val_accuracy=[round(v, 6) for v in val], chosen=chosen,
                      **({"lda_val_accuracy": round(lda["val"], 6)} if lda is not None else {}))
-    log(INFO, "fusion: head of round %d (federated validation accuracy %.4f)%s", best + 1, val[best],
-        f"; the LDA head's {lda['val']:.4f} -> {chosen} head kept" if lda is not None else " kept")
+    if val[best] != val[best]:  # nodes too small to keep validation images: nothing to choose by
+        log(INFO, "fusion: no node holds validation images: the last round's head kept%s",
+            " (not the LDA head, which is kept only when it validates better)" if lda is not None else "")
+    else:
+        log(INFO, "fusion: head of round %d (federated validation accuracy %.4f)%s", best + 1, val[best],
+            f"; the LDA head's {lda['val']:.4f} -> {chosen} head kept" if lda is not None else " kept")
     if chosen == "lda":
         return _save(d, lda["head"], lda["args"], info, len(extractors),
                      {"fit": "lda", "val_accuracy": [lda["val"]], "fedavg_val_accuracy": val})
