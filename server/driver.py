@@ -203,6 +203,9 @@ class RunDriver:
         self.node_info = DatasetInfo(name=aug[2], class_names=names, in_channels=shape[0], image_size=shape[1], mean=mean, std=std,
                                      hflip=aug[0], crop_padding=aug[1], split_seed=self.cfg.seed,
                                      val_fraction=self.cfg.val_fraction, source=self.cfg.data_root)
+        if len(self.test_split()) and (unmeasured := self.test_split().classes_without_images(ref)):
+            log(WARNING, "the coordinator's test split holds no images of %s: their test accuracy is not measured",
+                ", ".join(unmeasured))
         check_k(self.cfg.devices, len(names))  # more devices than classes: stop before any work
         cut = self.cfg.compression()
         if cut["sparsity"] == "none" and cut["budget"] is not None:  # a channel cut: its budget must be reachable

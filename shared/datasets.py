@@ -93,6 +93,11 @@ class ImageSet:
         mask = torch.isin(self.y, torch.as_tensor(list(classes), dtype=torch.long))
         return ImageSet(self.x[mask], self.y[mask])
 
+    def classes_without_images(self, info: "DatasetInfo") -> list[str]:
+        """The names of ``info``'s classes of which these images hold none."""
+        counts = torch.bincount(self.y, minlength=info.num_classes)
+        return [info.class_names[c] for c in range(info.num_classes) if counts[c] == 0]
+
     def sample(self, max_samples: int, seed: int) -> "ImageSet":
         """At most ``max_samples`` of these images: a seeded random choice, kept in their order."""
         if len(self) <= max_samples:

@@ -64,6 +64,9 @@ def run_train(args) -> int:
     print(f"training ResNet-18 x{args.width:g} ({count_params(model):,} params) on {info.name}: "
           f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, {info.num_classes} classes, "
           f"{info.in_channels}x{info.image_size}x{info.image_size}, device {device}")
+    if len(splits.test) and (unmeasured := splits.test.classes_without_images(info)):
+        print(f"warning: test/ holds no images of {', '.join(unmeasured)}: their test accuracy is not measured; add some "
+              "to test/<class>/", file=sys.stderr)
     steps = len(batch_bounds(len(splits.train), settings.batch_size))
     if steps < 10:  # a few hundred photos at the default batch: a handful of steps in all, a model at chance
         smaller = max(8, 2 ** int(math.log2(max(1, len(splits.train) // 10))))

@@ -426,6 +426,36 @@ def test_an_empty_test_folder_says_to_fill_or_remove_it(tmp_path):
     assert len(load_dataset("imagefolder", root, image_size=16).test) == 0
 
 
+def test_a_test_class_without_images_is_named_in_a_warning(tmp_path, capsys):
+    from papm.cli import main
+
+    root = write_pattern_folder(tmp_path / "photos", per_class=6, size=16)
+    for f in (root / "test" / "square").iterdir():
+        f.unlink()
+    assert main(["train", "--dataset", "imagefolder", "--data-root", str(root), "--width", "0.125", "--epochs", "1",
+                 "--batch-size", "8", "--quiet", "--out", str(tmp_path / "b.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: test/ holds no images of square: their test accuracy is not measured" in err
+    assert "circle" not in err
+    # a run's coordinator says the same when it meets its nodes (an unreachable budget then stops it there)
+    import logging
+
+    from papm.simulations.direct import run_direct
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        with pytest.raises(PapmError, match="budget=0.9999 cannot be met"):
+            run_direct(RunConfig.from_overrides(["dataset=imagefolder", f"data-root={root}", "image-size=16", "nodes=2",
+                                                 "devices=2", "min-partition-size=4", "width=0.125", "budget=0.9999",
+                                                 f"run-dir={tmp_path / 'run'}"]))
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert "the coordinator's test split holds no images of square: their test accuracy is not measured" in seen
+
+
 def test_an_empty_class_folder_is_refused_where_every_class_must_be_learnt(tmp_path):
     """A whole training tree (papm train, a simulation's shared data-root) with an empty class folder would give a
     model scoring a class it never saw: one line naming the folder. A device's own tree may lack some classes."""
