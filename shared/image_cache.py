@@ -33,7 +33,11 @@ def cache_dir() -> Path | None:
     value = os.environ.get("PAPM_CACHE_DIR", "")
     if value.lower() in ("off", "0", "none"):
         return None
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "papm" / "images"
+    where = Path(value).expanduser() if value else Path.home() / ".cache" / "papm" / "images"
+    if where.exists() and not where.is_dir():  # a read-only folder only costs decoding; a file is a wrong setting
+        raise PapmError(f"the image cache {where} is a file, not a folder; point PAPM_CACHE_DIR at a folder "
+                        "(or set PAPM_CACHE_DIR=off)")
+    return where
 
 
 def list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:

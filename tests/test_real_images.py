@@ -68,6 +68,12 @@ def test_the_cache_decodes_once_and_notices_a_changed_file(tmp_path, monkeypatch
             f.write_bytes(damage)
         again = load_dataset("imagefolder", root, image_size=24)  # decoded again and the cache file replaced
         assert torch.equal(again.train.x, third.train.x) and torch.equal(again.test.x, third.test.x)
+    (tmp_path / "file").write_text("mine")  # a file named as the cache: one line, the file untouched
+    monkeypatch.setenv("PAPM_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.raises(PapmError, match=r"file is a file, not a folder; point PAPM_CACHE_DIR at a folder"):
+        load_dataset("imagefolder", root, image_size=24)
+    assert (tmp_path / "file").read_text() == "mine"
+    monkeypatch.setenv("PAPM_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache").chmod(0o500)  # a read-only cache costs a decode, never a failure
     try:
         load_dataset("imagefolder", root, image_size=20)
