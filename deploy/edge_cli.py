@@ -140,7 +140,7 @@ def run_infer(args: argparse.Namespace) -> int:
     if args.part is not None:
         from ..shared.files import refuse_existing
 
-        refuse_existing(args.out, force=args.force)  # a free (or --force) file path that can be written
+        refuse_existing(args.out, images_list_path(args.out), force=args.force)  # free (or --force) paths to write
     bundle = load_bundle(args.bundle, args.verify_key, quiet=True)  # verifies every file before any session exists
     code = _infer(args, bundle)
     warn_if_unsigned(bundle)  # after the work: a failed command's error stays its only line
@@ -155,9 +155,13 @@ def _infer(args: argparse.Namespace, bundle) -> int:
 
     if args.fuse:
         feats = rt.load_feature_files(args.fuse)
+        names = _fused_image_names(args.fuse)
         probs = softmax(rt.fuse(feats))
         for i, top in enumerate(rt.top_k(probs, args.top_k)):
-            _print_line(json.dumps({"row": i, "top_k": top}) if args.json else f"row {i}: {_format_top(top)}")
+            if names is None:  # feature files written elsewhere: rows by number
+                _print_line(json.dumps({"row": i, "top_k": top}) if args.json else f"row {i}: {_format_top(top)}")
+            else:
+                _print_line(json.dumps({"image": names[i], "top_k": top}) if args.json else f"{names[i]}: {_format_top(top)}")
         return 0
 
     files = expand_inputs(args.inputs)
@@ -178,6 +182,8 @@ def _infer(args: argparse.Namespace, bundle) -> int:
         out = Path(args.out)
         # np.save appends .npy to names without it; write the bytes ourselves so --out is the name used
         atomic_write_bytes(out, _npy_bytes(features))
+        # which image each row is: --fuse names its predictions and refuses parts computed on other images
+        atomic_write_bytes(images_list_path(out), json.dumps([str(f) for f in files], indent=0).encode())
         print(f"part {args.part}: wrote {features.shape[0]} x {features.shape[1]} features ({args.precision}) to {out}",
               file=sys.stderr)
         return 0
@@ -190,6 +196,34 @@ def _infer(args: argparse.Namespace, bundle) -> int:
         raise PapmError(f"predicted {len(files) - len(unreadable)} of {len(files)} images; "
                         f"{unreadable_error(unreadable, len(files))}")
     return 0
+
+
+def images_list_path(features: Path | str) -> Path:
+    """The image list written beside a --part feature file: one entry per row."""
+    return Path(features).with_name(Path(features).name + ".images.json")
+
+
+def _fused_image_names(paths) -> list[str] | None:
+    """The images the feature files' rows are, from the lists --part wrote beside them (None where any is missing):
+    files computed on other images, or in another order, are refused (compared by file name: each device may keep
+    the photos in its own folder)."""
+    lists = []
+    for p in paths:
+        try:
+            names = json.loads(images_list_path(p).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            return None
+        lists.append(names)
+    for p, names in zip(paths[1:], lists[1:]):
+        if len(names) != len(lists[0]):
+            return None  # load_feature_files has compared the row counts; a list of another length is not this file's
+        for row, (a, b) in enumerate(zip(lists[0], names)):
+            if Path(a).name != Path(b).name:
+                raise PapmError(f"{paths[0]} and {p} were computed on other images (row {row}: {Path(a).name} / "
+                                f"{Path(b).name}); run every --part on the same images in the same order")
+    return lists[0]
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

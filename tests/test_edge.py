@@ -107,6 +107,16 @@ def test_part_then_fuse_equals_whole_split(exported, pngs, tmp_path):
     for w, f in zip(whole, fused):
         assert [t["index"] for t in w["top_k"]] == [t["index"] for t in f["top_k"]]
         assert [t["prob"] for t in w["top_k"]] == pytest.approx([t["prob"] for t in f["top_k"]], abs=1e-6)
+    assert [f["image"] for f in fused] == [w["image"] for w in whole]  # each row named by its image
+    # a device that computed its part on the images in another order: refused, not fused row by wrong row
+    images = sorted(Path(folder).iterdir())
+    assert edge("infer", bundle, "--part", 1, *images[::-1], "--out", files[1]).returncode == 2  # its files are kept
+    assert edge("infer", bundle, "--part", 1, *images[::-1], "--out", files[1], "--force").returncode == 0
+    r = edge("infer", bundle, "--fuse", *files)
+    assert r.returncode == 2 and f"were computed on other images (row 0: {images[0].name} / {images[-1].name})" in r.stderr
+    (tmp_path / "f1.images.json").unlink()  # feature files without their image lists: rows by number
+    rows = [json.loads(l) for l in edge("infer", bundle, "--fuse", *files, "--json").stdout.splitlines()]
+    assert [r["row"] for r in rows] == list(range(N_IMAGES))
 
 
 def test_int8_inference_agrees_with_fp32(exported, pngs):
