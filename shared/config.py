@@ -130,7 +130,7 @@ class RunConfig:
             for k in nest:
                 d = d.get(k, {}) if isinstance(d, dict) else {}
             if d:
-                stray = [k for k in data if k.replace("-", "_") in {f.name for f in fields(cls)}]
+                stray = [str(k) for k in data if str(k).replace("-", "_") in {f.name for f in fields(cls)}]
                 if stray:  # written above the table's header: it would be silently ignored
                     raise PapmError(f"config file {path.name} sets {', '.join(stray)} outside its [{'.'.join(nest)}] "
                                     "table, where nothing is read; move it into the table")

@@ -82,6 +82,8 @@ def test_config_files_that_would_be_misread_are_refused_in_one_line_with_a_fix(t
 def test_a_pyproject_keeps_its_other_tables_beside_the_run_config(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.flwr.app.config]\ndevices = 2\nnodes = 4\n')
     assert (RunConfig.from_file(tmp_path / "pyproject.toml").devices, RunConfig.from_file(tmp_path / "pyproject.toml").nodes) == (2, 4)
+    (tmp_path / "other.yaml").write_text("1: not ours\npapm:\n  devices: 2\n")  # a YAML key of another type beside it
+    assert RunConfig.from_file(tmp_path / "other.yaml").devices == 2
 
 
 def test_simulate_rejects_bad_config_in_one_line(tmp_path):
