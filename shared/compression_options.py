@@ -106,13 +106,11 @@ def check_compression(*, budget: float | None, criterion: str, schedule: str, st
 def check_budget_reachable(budget: float, round_to: int, model_args: dict, image_size: int) -> None:
     """A channel cut's ``budget`` that no cut of this architecture reaches, refused before a run does any work (its
     prune phase would find it after the statistics, with the run folder then holding that config)."""
-    import math
-
-    from .pruning import largest_reduction
+    from .pruning import largest_budget, largest_reduction
 
     most = largest_reduction(model_args, image_size, round_to)
     if budget > most:
-        largest = math.floor(most * 1000) / 1000
         raise PapmError(f"budget={budget:g} cannot be met: keeping {round_to} channel(s) per layer of this ResNet-18 "
                         f"(width {model_args['width']:g}, {model_args['num_classes']} classes) removes at most {most:.4f} "
-                        f"of its parameters; set budget <= {largest:.3f}" + (" or a smaller round-to" if round_to > 1 else ""))
+                        f"of its parameters; set budget <= {largest_budget(most):.3f}"
+                        + (" or a smaller round-to" if round_to > 1 else ""))

@@ -105,11 +105,12 @@ def read_image_tree(root: Path, in_channels: int, image_size: int, parts: tuple[
     classes = class_folders(root / wanted[0])
     if len(classes) < 2:
         raise PapmError(f"{root / wanted[0]} has {len(classes)} class folder(s); give at least 2 (one folder per class)")
-    if len(wanted) == 2 and not class_folders(root / "test"):
+    test_classes = class_folders(root / "test") if len(wanted) == 2 else classes
+    if not test_classes:
         raise PapmError(f"{root}/test holds no class folders; put each class's test images in test/<class>/ "
                         "(the class folders of train/), or remove the empty test/")
-    if len(wanted) == 2 and class_folders(root / "test") != classes:
-        raise PapmError(f"{root}/test has classes {class_folders(root / 'test')} but train has {classes}; make them the same")
+    if test_classes != classes:
+        raise PapmError(f"{root}/test has classes {test_classes} but train has {classes}; make them the same")
     loaded, problems = {}, []
     for part in wanted:  # both splits read before refusing: one run names the bad files of train/ and test/
         try:

@@ -90,6 +90,11 @@ def _channels_for(base_channels: dict[str, int], groups: list[ScoredGroup], kept
     return channels
 
 
+def largest_budget(reduction: float) -> float:
+    """The largest budget of three decimals a cut removing at most ``reduction`` meets (rounded down, never up)."""
+    return math.floor(reduction * 1000) / 1000
+
+
 def largest_reduction(model_args: dict, image_size: int, round_to: int = 1) -> float:
     """The largest fraction of a model's parameters a channel cut can remove: every coupled group down to
     ``round_to`` channels, the classifier whole (as :func:`prune_to_budget` cuts). The architecture alone decides it:
@@ -145,11 +150,11 @@ def prune_to_budget(
     lo, hi = 0, len(order)
     if plan(hi)[2] > target_params:
         smallest = plan(hi)[2]
-        largest = math.floor((1 - smallest / params_before) * 1000) / 1000  # rounded down: a budget that can be met
         raise PapmError(
             f"budget {budget:g} cannot be met: keeping {round_to} channel(s) per layer still leaves "
             f"{smallest}/{params_before} parameters (a reduction of {1 - smallest / params_before:.4f}); "
-            f"choose a budget <= {largest:.3f}" + (" or a smaller round-to" if round_to > 1 else "")
+            f"choose a budget <= {largest_budget(1 - smallest / params_before):.3f}"
+            + (" or a smaller round-to" if round_to > 1 else "")
         )
     while lo < hi:  # smallest k whose plan meets the target
         mid = (lo + hi) // 2
