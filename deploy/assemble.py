@@ -2,7 +2,7 @@
 
 The parts are the ONNX files the devices made in the run's export phase where they exist
 (checked against the run's PyTorch checkpoints), exported here otherwise (``export/`` converts
-and checks the graphs); the manifest, checksums and signature come from :mod:`.bundle`; the
+and checks the graphs); the manifest, checksums and signature come from :mod:`.bundle` and :mod:`.bundle_write`; the
 accuracy is measured through the torch-free runtime exactly as the edge runs it.
 """
 
@@ -11,69 +11,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from torch import nn
 
-from ..export import onnx_export
-from ..export.onnx_export import (OPSET, PARITY_TOL, check_parity, export_base, export_head, export_part, feature_graph,
-                                  parity, parity_inputs)
+from ..export.onnx_export import check_parity, export_base, export_head, export_part, feature_graph, parity, parity_inputs
 from ..export.quantize import int8_settings, quantize_int8
 from ..shared.checkpoint import load_checkpoint, load_head
 from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
-from ..shared.files import atomic_write_json, fsync_tree, new_temp_dir, replace_dir
+from ..shared.files import new_temp_dir
 from ..shared.fusion import SplitModel
-from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, file_entry, write_manifest
-from .runtime import EdgeRuntime
-
-
-def _feature_params(model: nn.Module) -> int:
-    """Parameters a part actually runs (the extractor without its classifier)."""
-    fc = getattr(model, "fc", None)
-    return sum(p.numel() for p in model.parameters()) - (sum(p.numel() for p in fc.parameters()) if fc is not None else 0)
-
-
-def _nonzero_params(module: nn.Module, skip_fc: bool = False) -> int:
-    """Parameters that are not exactly zero (what a sparse format could drop)."""
-    return int(sum(int((p != 0).sum()) for name, p in module.named_parameters() if not (skip_fc and name.startswith("fc."))))
-
-
-def _bundle_manifest(folder: Path) -> dict | None:
-    """The manifest of a PAPM bundle in ``folder``, or None when the folder is not one."""
-    try:
-        doc = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and doc.get("format") == BUNDLE_FORMAT else None
-
-
-def _owned_files(manifest: Any) -> set[str]:
-    """Every file a bundle's manifest lists (parts, head, base, reports), at any depth."""
-    if isinstance(manifest, dict):
-        own = {manifest["file"]} if isinstance(manifest.get("file"), str) and "sha256" in manifest else set()
-        return own.union(*(_owned_files(v) for v in manifest.values()))
-    if isinstance(manifest, list):
-        return set().union(*(_owned_files(v) for v in manifest))
-    return set()
-
-
-def _carry_foreign_files(out: Path, stage: Path) -> list[str]:
-    """Files in the earlier bundle ``out`` that no export writes (papm bench's tables, a user's notes) go into the new
-    one: an export replaces its own files and nothing else. Returns them, relative to the bundle."""
-    old = _bundle_manifest(out) if out.is_dir() else None
-    if old is None:
-        return []
-    owned = {"manifest.json", "manifest.sig"} | _owned_files(old)
-    kept = []
-    for f in sorted(out.rglob("*")):
-        rel = f.relative_to(out).as_posix()
-        if (f.is_file() or f.is_symlink()) and rel not in owned and not (stage / rel).exists():
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, stage / rel, follow_symlinks=False)  # a link stays a link
-            kept.append(rel)
-    return kept
+from .bundle import file_entry
+from .bundle_write import check_out, finish_bundle, input_entry, nonzero_params, part_entry
 
 
 def export_run(
@@ -117,24 +67,12 @@ def export_run(
         raise PapmError(f"run directory not found: {run_dir}; create one with `papm simulate`")
     if not (run_dir / "base.pt").is_file() and not (run_dir / "state.json").is_file():
         raise PapmError(f"{run_dir} is not a run directory (no base.pt or state.json); give a folder `papm simulate` wrote")
-    if out.exists() and not out.is_dir():
-        raise PapmError(f"{out} is a file; give --out a folder for the bundle")
     if out.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out.resolve()):
         raise PapmError(f"--out {out} would replace the run directory itself; give a folder for the bundle, e.g. {run_dir / 'bundle'}")
     own = out.resolve() == (run_dir / "bundle").resolve()  # the run's own bundle: regenerated from the run on request
-    if out.exists() and any(out.iterdir()):
-        old = _bundle_manifest(out)
-        if old is None:
-            raise PapmError(f"{out} is not a PAPM edge bundle (no manifest.json of a bundle); --force replaces only bundles "
-                            "and nothing was changed; choose another --out")
-        if not (force or own):
-            raise PapmError(f"{out} already exists; pass --force to replace the bundle or choose another --out")
-        if own and not from_run:
-            int8 = int8 or any("int8" in p.get("files", {}) for p in old.get("parts", []))  # add, never drop, precisions
-        if not from_run and (out / "manifest.sig").exists() and not sign_key:  # --force included: devices verify it
-            raise PapmError(f"{out} is signed; give --sign-key (or --new-key) to sign the new bundle, or --out elsewhere")
-    if calib_samples < 1:
-        raise PapmError(f"--calib-samples must be >= 1, got {calib_samples}; give a positive count (default 256)")
+    old = check_out(out, force=force or own, sign_key=sign_key or from_run, calib_samples=calib_samples)
+    if old is not None and own and not from_run:
+        int8 = int8 or any("int8" in p.get("files", {}) for p in old.get("parts", []))  # add, never drop, precisions
     base, info, _ = load_checkpoint(run_dir / "base.pt")
     head, _, head_raw = load_head(run_dir / "fusion" / "head.pt")
     devices = head_raw.get("meta", {}).get("devices")
@@ -197,12 +135,7 @@ def export_run(
                 report = export_part(model, stage / rel, x_check)
                 log(f"exported {rel}")
             reports.append({**report, "file": rel, "precision": "fp32"})
-            parts.append({"device": int(k), "classes": groups[i], "class_names": [info.class_names[c] for c in groups[i]],
-                          "input_name": "image", "output_name": "features",
-                          "input_shape": [None, info.in_channels, info.image_size, info.image_size],
-                          "mean": list(info.mean), "std": list(info.std), "feature_size": dims[i],
-                          "params": _feature_params(model), "nonzero_params": _nonzero_params(model, skip_fc=True),
-                          "files": {"fp32": rel}})
+            parts.append(part_entry(int(k), groups[i], info, model, dims[i], rel))
         with torch.no_grad():
             feats = torch.cat([m.features(x_check) for m in extractors], dim=1)
         reports.append({**export_head(head, stage / "head.onnx", feats), "file": "head.onnx", "precision": "fp32"})
@@ -243,10 +176,6 @@ def export_run(
                               int8_reduce_range)
             base_files["int8"] = "base.int8.onnx"
 
-        atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "tolerance_is": "per unit of output scale (each file's "
-                                                  "tolerance: this times max(1, its largest output magnitude))", "files": reports,
-                                                  "inputs": ("held-out test images + random" if from_run else "validation images + random")})
-        # the manifest: every file with its sha256 (the runtime verifies them before opening any session)
         for part in parts:
             part["precisions"] = list(part["files"])
             part["files"] = {p: file_entry(stage, rel) for p, rel in part["files"].items()}
@@ -254,41 +183,21 @@ def export_run(
             "dataset": info.name,
             "class_names": list(info.class_names),
             "groups": groups,
-            "input": {"layout": "NCHW", "dtype": "float32", "channels": info.in_channels, "image_size": info.image_size,
-                      "shape": [None, info.in_channels, info.image_size, info.image_size],
-                      "mean": list(info.mean), "std": list(info.std), "preprocess": "papm.shared.images.load_image + normalise_array"},
+            "input": input_entry(info),
             "parts": parts,
             "head": {"input_name": "features", "output_name": "logits", "feature_order": [int(k) for k in devices],
                      "feature_size": sum(dims), "num_classes": info.num_classes,
-                     "params": sum(p.numel() for p in head.parameters()), "nonzero_params": _nonzero_params(head),
+                     "params": sum(p.numel() for p in head.parameters()), "nonzero_params": nonzero_params(head),
                      "files": {"fp32": file_entry(stage, "head.onnx")}},
             "base": {"input_name": "image", "output_name": "logits", "params": sum(p.numel() for p in base.parameters()),
-                     "nonzero_params": _nonzero_params(base),
+                     "nonzero_params": nonzero_params(base),
                      "files": {p: file_entry(stage, rel) for p, rel in base_files.items()}},
-            "opset": OPSET,
-            "exporter": f"torch {torch.__version__} (torch.onnx, {onnx_export.LAST_EXPORTER} exporter)",
-            "reports": {"parity": file_entry(stage, "parity.json")},
         }
-        # accuracy on the test split, through ONNX Runtime exactly as the edge runs it
-        bundle = Bundle(stage, {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **manifest}, signed=False)
         x_test = normalise(test.x, info)
-        y_test = test.y.numpy()
         with torch.no_grad():
-            ref = SplitModel(extractors, head).eval()(x_test).argmax(1).numpy()
-        accuracy: dict = {"split": "test", "samples": int(len(y_test)), "pytorch_split": float((ref == y_test).mean())}
-        for precision in bundle.precisions():
-            rt = EdgeRuntime(bundle, precision)
-            xs = x_test.numpy()
-            accuracy[precision] = {"split": float((rt.logits(xs).argmax(1) == y_test).mean()),
-                                   "base": float((rt.base_logits(xs).argmax(1) == y_test).mean())}
-        manifest["accuracy"] = accuracy
-        write_manifest(stage, manifest, sign_key)
-        kept = _carry_foreign_files(out, stage)
-        if kept:
-            log(f"kept {', '.join(kept[:5])}{f' and {len(kept) - 5} more' if len(kept) > 5 else ''} from the earlier bundle "
-                "(files no export writes; a papm bench table there measured the earlier bundle)")
-        fsync_tree(stage)  # every file on the disk before the bundle is swapped in
-        replace_dir(stage, out)  # --force: the old bundle goes only once the new one is complete
+            reference = SplitModel(extractors, head).eval()(x_test).argmax(1)
+        accuracy = finish_bundle(stage, out, manifest, reports, x_test, test.y, reference, sign_key, log,
+                                 "held-out test images + random" if from_run else "validation images + random")
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

@@ -127,13 +127,16 @@ def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, tes
         # devices in parallel: the slowest part, then the head (derived from the stage timings)
         slow = {key: max(r[key] for r in parts) + head[key] for key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms")}
         par_tp = min([r["throughput"] for r in parts] + [head["throughput"]])
-        rows.append({"model": "split: slowest part + head", "precision": precision, "params": params, "nonzero_params": nonzero,
-                     "size_kb": size, **slow, "throughput": par_tp, "accuracy": split_acc})
+        one_model = len(parts) == 1  # `papm export pruned.pt`: the model itself, nothing runs in parallel
+        if not one_model:
+            rows.append({"model": "split: slowest part + head", "precision": precision, "params": params,
+                         "nonzero_params": nonzero, "size_kb": size, **slow, "throughput": par_tp, "accuracy": split_acc})
         # one machine runs the whole split pipeline (every part in turn, then the head): measured as such
         rt1 = EdgeRuntime(bundle, precision, 1)
         med1, p951 = _latency(_Call(rt1.logits), "image", image1, runs, warmup)
         medn, p95n = _latency(_Call(rt.logits), "image", image1, runs, warmup)
-        rows.append({"model": "split: all parts in turn + head (measured)", "precision": precision, "params": params,
+        rows.append({"model": "model: part + head (measured)" if one_model else "split: all parts in turn + head (measured)",
+                     "precision": precision, "params": params,
                      "nonzero_params": nonzero, "size_kb": size, "lat1_ms": med1 * 1e3, "lat1_p95_ms": p951 * 1e3,
                      "latn_ms": medn * 1e3, "latn_p95_ms": p95n * 1e3,
                      "throughput": _throughput(_Call(rt.logits), "image", image_b, runs, warmup), "accuracy": split_acc})

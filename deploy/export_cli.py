@@ -11,9 +11,14 @@ from pathlib import Path
 
 
 def add_export_parser(sub) -> argparse.ArgumentParser:
-    e = sub.add_parser("export", help="export a run's parts, fusion head and base model to a (signed) ONNX edge bundle")
-    e.add_argument("run_dir", help="run directory (base.pt, devices/device-<k>/pruned.pt, fusion/head.pt)")
-    e.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/bundle)")
+    e = sub.add_parser("export", help="export a run's parts, fusion head and base model, or one checkpoint, to a (signed) "
+                                      "ONNX edge bundle")
+    e.add_argument("run_dir", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run directory (base.pt, devices/device-<k>/pruned.pt, fusion/head.pt), or a checkpoint of "
+                        "`papm prune` / `papm train` (a one-part bundle: its extractor and its own classifier)")
+    e.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/bundle, or <checkpoint name>-bundle beside it)")
+    e.add_argument("--base", default=None, help="with a checkpoint: the base model to add for comparison (default: the one "
+                   "`papm prune` recorded, when it is still there)")
     e.add_argument("--int8", action="store_true", help="also write INT8 parts (static QDQ, calibrated on each device's training data)")
     e.add_argument("--calib-samples", type=int, default=256, help="INT8 calibration images per device (from its own classes)")
     e.add_argument("--int8-activations", choices=("u8", "s8"), default="u8",
@@ -32,9 +37,19 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     from ..shared.errors import PapmError
-    from .assemble import export_run
-
     from ..shared.files import check_writable
+    from .assemble import export_run
+    from .export_model import export_checkpoint
+
+    one_model = Path(args.run_dir).is_file()
+    if args.base is not None and not one_model:
+        raise PapmError("--base goes with a checkpoint (papm export pruned.pt --base base.pt); a run directory has its "
+                        "own base.pt")
+
+    def export(sign_key):
+        if one_model:
+            return export_checkpoint(args.run_dir, args.out, base=args.base, sign_key=sign_key, **options)
+        return export_run(args.run_dir, args.out, sign_key=sign_key, **options)
 
     if args.out is not None:
         check_writable(args.out, "--out", folder=True)
@@ -49,7 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
             from .bundle import check_signing_key
 
             check_signing_key(sign_key)
-        result = export_run(args.run_dir, args.out, sign_key=sign_key, **options)
+        result = export(sign_key)
     else:
         if sign_key:
             raise PapmError("give either --sign-key or --new-key, not both")
@@ -69,7 +84,7 @@ def run_export(args: argparse.Namespace) -> int:
         signed = False
         try:
             staged_priv, staged_pub = generate_keypair(staging)
-            result = export_run(args.run_dir, args.out, sign_key=staged_priv, **options)
+            result = export(staged_priv)
             signed = True  # from here on the pair signs a bundle: it is moved into place, never deleted
             for path in (staged_priv, staged_pub):
                 path.rename(keys / path.name)
@@ -84,12 +99,15 @@ def run_export(args: argparse.Namespace) -> int:
     for r in result["parity"]:
         print(f"  {r['file']:<28} max |diff| {r['max_abs_diff']:.2e}  (<= {r['tolerance']:g}: {'ok' if r['ok'] else 'FAIL'})")
     acc = result["accuracy"]
-    print(f"test accuracy ({acc['samples']} images): PyTorch split {acc['pytorch_split']:.4f}")
+    what = "model" if one_model else "split"
+    print(f"test accuracy ({acc['samples']} images): PyTorch {what} {acc['pytorch_split']:.4f}")
     for precision in ("fp32", "int8"):
         if precision in acc:
             a = acc[precision]
-            delta = f"  (split {a['split'] - acc['fp32']['split']:+.4f} vs fp32)" if precision != "fp32" else ""
-            print(f"  {precision}: split {a['split']:.4f}  base {a['base']:.4f}{delta}")
+            delta = f"  ({what} {a['split'] - acc['fp32']['split']:+.4f} vs fp32)" if precision != "fp32" else ""
+            own = f" (on its classes {a['on_classes']:.4f})" if "on_classes" in a else ""
+            base = f"  base {a['base']:.4f}" if "base" in a else ""
+            print(f"  {precision}: {what} {a['split']:.4f}{own}{base}{delta}")
     bundle = Path(result["bundle"])
     print(f"bundle: {bundle} ({'signed' if sign_key else 'unsigned'}; parity report {bundle / 'parity.json'})")
     return 0

@@ -1,0 +1,141 @@
+"""One model -> an edge bundle: `papm export pruned.pt` (a `papm prune` or `papm train` checkpoint).
+
+The bundle has the layout of a run's: one part (the model's feature extractor, image -> pooled features) and a
+head that is the model's own classifier (features -> logits), so `papm infer` and `papm bench` run it as they run a
+split, without PyTorch. The base model the checkpoint was pruned from (``--base``, else the path `papm prune`
+recorded) is added as the bundle's base for comparison when it is found; a bundle without one has no base rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..export.onnx_export import export_base, export_head, export_part, parity_inputs
+from ..export.quantize import int8_settings, quantize_int8
+from ..shared.checkpoint import load_checkpoint
+from ..shared.datasets import load_dataset_like, normalise
+from ..shared.errors import PapmError
+from ..shared.files import new_temp_dir
+from .bundle import file_entry
+from .bundle_write import check_out, finish_bundle, input_entry, nonzero_params, part_entry
+
+
+def recorded_base(checkpoint: Path, raw: dict, base: Path | str | None) -> Path | None:
+    """The base checkpoint to put beside the model: ``base`` when given (it must exist), else the one `papm prune`
+    recorded, as written then (relative to where it ran, or to the pruned file's folder) when it is still there."""
+    if base is not None:
+        if not Path(base).is_file():
+            raise PapmError(f"--base {base} not found; give the checkpoint the model was pruned from, or leave --base out")
+        return Path(base)
+    named = (raw.get("meta") or {}).get("base_checkpoint")
+    if not isinstance(named, str) or not named:
+        return None
+    for candidate in (Path(named), checkpoint.parent / named):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def export_checkpoint(
+    checkpoint: Path | str,
+    out: Path | str | None = None,
+    *,
+    base: Path | str | None = None,
+    int8: bool = False,
+    sign_key: Path | str | None = None,
+    force: bool = False,
+    calib_samples: int = 256,
+    parity_samples: int = 64,
+    int8_activations: str = "u8",
+    int8_reduce_range: bool | None = None,
+    data_root: Path | str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Export one checkpoint into a one-part edge bundle (``out``, default ``<name>-bundle`` beside it).
+
+    Parity inputs, INT8 calibration (training images of the model's classes: a pruned model's group, else all) and
+    the reported test accuracy come from the data the checkpoint was trained on (``data_root``: where it is now).
+    The same ``--out`` rules as a run's export: only a bundle is replaced, only with ``force``, once the new one is
+    complete. Returns {"bundle", "parity", "accuracy", "base"}."""
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-bundle")
+    if out.resolve() == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out.resolve()):
+        raise PapmError(f"{checkpoint} is inside --out {out}; give the bundle a folder of its own, e.g. "
+                        f"{checkpoint.with_name(checkpoint.stem + '-bundle')}")
+    check_out(out, force=force, sign_key=sign_key, calib_samples=calib_samples)
+    model, info, raw = load_checkpoint(checkpoint)
+    classes = [int(c) for c in (raw.get("meta") or {}).get("classes") or range(info.num_classes)]
+    base_path = recorded_base(checkpoint, raw, base)
+    base_model = None
+    if base_path is not None:
+        base_model, base_info, _ = load_checkpoint(base_path)
+        if (base_info.class_names, base_info.image_size, base_info.in_channels) != (info.class_names, info.image_size,
+                                                                                 info.in_channels):
+            raise PapmError(f"base {base_path} has classes {base_info.class_names} at {base_info.in_channels}x"
+                            f"{base_info.image_size}x{base_info.image_size}, {checkpoint} {info.class_names} at "
+                            f"{info.in_channels}x{info.image_size}x{info.image_size}; give --base the model it was pruned from")
+    else:
+        log("no base model in the bundle (the checkpoint names none that exists here; --base adds one): "
+            "papm bench shows no base rows")
+    splits = load_dataset_like(info, root=data_root)
+    x_check = parity_inputs(splits.val.x if len(splits.val) else splits.train.x, parity_samples,
+                            normalise=lambda x: normalise(x, info))
+
+    def calibration(seed: int):  # never test images: training images of the model's classes
+        local = splits.train.of_classes(classes)
+        return normalise((local if len(local) else splits.train).sample(calib_samples, seed).x, info).numpy()
+
+    stage = new_temp_dir(out.parent, out.name)
+    try:
+        with torch.no_grad():
+            feature_size = int(model.features(x_check[:2]).shape[1])
+            features = model.features(x_check)
+        part = part_entry(0, classes, info, model, feature_size, "parts/device-0.onnx")
+        reports = [{**export_part(model, stage / "parts/device-0.onnx", x_check), "file": "parts/device-0.onnx",
+                    "precision": "fp32"},
+                   {**export_head(model.fc, stage / "head.onnx", features), "file": "head.onnx", "precision": "fp32"}]
+        base_files = {}
+        if base_model is not None:
+            reports.append({**export_base(base_model, stage / "base.onnx", x_check), "file": "base.onnx", "precision": "fp32"})
+            base_files["fp32"] = "base.onnx"
+        log(f"exported {', '.join(r['file'] for r in reports)}")
+        if int8:
+            quantize_int8(stage / "parts/device-0.onnx", stage / "parts/device-0.int8.onnx", calibration(0),
+                          int8_activations, int8_reduce_range)
+            part["files"]["int8"] = "parts/device-0.int8.onnx"
+            part["int8_calibration"] = {"samples": calib_samples, "source": "training images of its classes (papm export)"}
+            part["int8_settings"] = int8_settings(int8_activations, int8_reduce_range)
+            if base_model is not None:
+                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration(1), int8_activations, int8_reduce_range)
+                base_files["int8"] = "base.int8.onnx"
+            log(f"quantised to INT8 (QDQ, {int8_activations} activations, per-channel weights; calibrated on "
+                "training images of its classes)")
+        part["precisions"] = list(part["files"])
+        part["files"] = {p: file_entry(stage, rel) for p, rel in part["files"].items()}
+        manifest = {
+            "dataset": info.name, "class_names": list(info.class_names), "groups": [classes], "input": input_entry(info),
+            "parts": [part],
+            "head": {"input_name": "features", "output_name": "logits", "feature_order": [0], "feature_size": feature_size,
+                     "num_classes": info.num_classes, "params": sum(p.numel() for p in model.fc.parameters()),
+                     "nonzero_params": nonzero_params(model.fc), "files": {"fp32": file_entry(stage, "head.onnx")}},
+            "source": {"checkpoint": checkpoint.name, "kind": raw.get("kind"),
+                       "base_checkpoint": None if base_path is None else base_path.name},
+        }
+        if base_model is not None:
+            manifest["base"] = {"input_name": "image", "output_name": "logits",
+                                "params": sum(p.numel() for p in base_model.parameters()),
+                                "nonzero_params": nonzero_params(base_model),
+                                "files": {p: file_entry(stage, rel) for p, rel in base_files.items()}}
+        x_test = normalise(splits.test.x, info)
+        with torch.no_grad():
+            reference = model(x_test).argmax(1)
+        accuracy = finish_bundle(stage, out, manifest, reports, x_test, splits.test.y, reference, sign_key, log,
+                                 "validation images + random", classes if len(classes) < info.num_classes else None)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return {"bundle": out, "parity": reports, "accuracy": accuracy, "base": base_path}
