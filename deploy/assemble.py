@@ -64,7 +64,8 @@ def export_run(
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "bundle"
     if not run_dir.is_dir():
-        raise PapmError(f"run directory not found: {run_dir}; create one with `papm simulate`")
+        raise PapmError(f"run directory or checkpoint not found: {run_dir}; give a folder `papm simulate` wrote or a "
+                        "`papm prune` / `papm train` checkpoint")
     if not (run_dir / "base.pt").is_file() and not (run_dir / "state.json").is_file():
         raise PapmError(f"{run_dir} is not a run directory (no base.pt or state.json); give a folder `papm simulate` wrote")
     if out.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out.resolve()):

@@ -143,6 +143,7 @@ def test_bad_inputs_of_a_checkpoint_export(pruned, bundle, tmp_path, capsys, mon
         (["p.pt", "--out", str(bundle)], "already exists; pass --force"),
         (["p.pt", "--out", "."], "is inside --out"),
         ([str(pruned), "--base", "base.pt"], "--base goes with a checkpoint"),
+        (["pruned-typo.pt"], "run directory or checkpoint not found: pruned-typo.pt"),
         (["p.pt", "--base", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")], "give --base the model it was pruned from"),
     ]
     for args, expected in cases:
