@@ -23,7 +23,8 @@ from ..shared.errors import PapmError
 from ..shared.files import new_temp_dir
 from ..shared.fusion import SplitModel
 from .bundle import file_entry
-from .bundle_write import check_out, finish_bundle, input_entry, nonzero_params, part_entry
+from .bundle_write import (base_entry, calibration_images, check_inputs, check_out, finish_bundle, head_entry, input_entry,
+                           part_entry)
 
 
 def export_run(
@@ -99,11 +100,11 @@ def export_run(
             raise PapmError("export_run(from_run=True) needs the server's test split")
         splits, test = None, test_split
         x_check = parity_inputs(test.x, parity_samples, normalise=lambda x: normalise(x, info))
+        checked_on = "held-out test images + random"
     else:
         splits = load_dataset_like(info, root=data_root)
         test = splits.test
-        x_check = parity_inputs(splits.val.x if len(splits.val) else splits.train.x, parity_samples,
-                                normalise=lambda x: normalise(x, info))
+        x_check, checked_on = check_inputs(splits, info, parity_samples)
 
     def from_devices(rel_in_run: str, dest: Path) -> bool:
         """Copy a file the devices made in the run (True), or report that there is none (False)."""
@@ -118,10 +119,7 @@ def export_run(
         if splits is None:
             raise PapmError(f"INT8 files missing in {run_dir} (the run's export phase made none); run with int8=true "
                             "so the devices calibrate on their own data, or run `papm export RUN_DIR --int8` where the data is")
-        local = splits.train.of_classes(classes) if classes else splits.train
-        if not len(local):
-            local = splits.train
-        return normalise(local.sample(calib_samples, seed).x, info).numpy()
+        return calibration_images(splits.train, info, classes, calib_samples, seed)
     stage = new_temp_dir(out.parent, out.name)  # the bundle gets the usual permissions
     try:
         reports = []
@@ -186,19 +184,13 @@ def export_run(
             "groups": groups,
             "input": input_entry(info),
             "parts": parts,
-            "head": {"input_name": "features", "output_name": "logits", "feature_order": [int(k) for k in devices],
-                     "feature_size": sum(dims), "num_classes": info.num_classes,
-                     "params": sum(p.numel() for p in head.parameters()), "nonzero_params": nonzero_params(head),
-                     "files": {"fp32": file_entry(stage, "head.onnx")}},
-            "base": {"input_name": "image", "output_name": "logits", "params": sum(p.numel() for p in base.parameters()),
-                     "nonzero_params": nonzero_params(base),
-                     "files": {p: file_entry(stage, rel) for p, rel in base_files.items()}},
+            "head": head_entry(head, [int(k) for k in devices], sum(dims), info.num_classes, stage),
+            "base": base_entry(base, base_files, stage),
         }
         x_test = normalise(test.x, info)
         with torch.no_grad():
             reference = SplitModel(extractors, head).eval()(x_test).argmax(1)
-        accuracy = finish_bundle(stage, out, manifest, reports, x_test, test.y, reference, sign_key, log,
-                                 "held-out test images + random" if from_run else "validation images + random")
+        accuracy = finish_bundle(stage, out, manifest, reports, x_test, test.y, reference, sign_key, log, checked_on)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..export import onnx_export
-from ..export.onnx_export import OPSET, PARITY_TOL
+from ..export.onnx_export import OPSET, PARITY_TOL, parity_inputs
+from ..shared.datasets import normalise
 from ..shared.errors import PapmError
 from ..shared.files import atomic_write_json, fsync_tree, replace_dir
 from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, file_entry, write_manifest
@@ -39,6 +40,34 @@ def input_entry(info) -> dict:
     return {"layout": "NCHW", "dtype": "float32", "channels": info.in_channels, "image_size": info.image_size,
             "shape": [None, info.in_channels, info.image_size, info.image_size],
             "mean": list(info.mean), "std": list(info.std), "preprocess": "papm.shared.images.load_image + normalise_array"}
+
+
+def head_entry(head: nn.Module, feature_order: list[int], feature_size: int, num_classes: int, stage: Path) -> dict:
+    """The manifest's ``head`` (features of the parts in ``feature_order``, concatenated -> logits; ``head.onnx``)."""
+    return {"input_name": "features", "output_name": "logits", "feature_order": feature_order, "feature_size": feature_size,
+            "num_classes": num_classes, "params": sum(p.numel() for p in head.parameters()),
+            "nonzero_params": nonzero_params(head), "files": {"fp32": file_entry(stage, "head.onnx")}}
+
+
+def base_entry(base: nn.Module, files: dict[str, str], stage: Path) -> dict:
+    """The manifest's ``base``: the unsplit model kept for comparison (``files``: precision -> path in the bundle)."""
+    return {"input_name": "image", "output_name": "logits", "params": sum(p.numel() for p in base.parameters()),
+            "nonzero_params": nonzero_params(base), "files": {p: file_entry(stage, rel) for p, rel in files.items()}}
+
+
+def check_inputs(splits, info, samples: int) -> tuple[torch.Tensor, str]:
+    """Normalised images for the parity checks (validation images, else training images; plus random ones) and what
+    they are, for parity.json."""
+    source = splits.val if len(splits.val) else splits.train
+    return (parity_inputs(source.x, samples, normalise=lambda x: normalise(x, info)),
+            f"{'validation' if len(splits.val) else 'training'} images + random")
+
+
+def calibration_images(train, info, classes: list[int], samples: int, seed: int) -> np.ndarray:
+    """INT8 calibration inputs, never test images: ``samples`` training images of ``classes`` (all when empty, or
+    when there are none of them), normalised."""
+    local = train.of_classes(classes) if classes else train
+    return normalise((local if len(local) else train).sample(samples, seed).x, info).numpy()
 
 
 def part_entry(device: int, classes: list[int], info, model: nn.Module, feature_size: int, rel: str) -> dict:
@@ -122,11 +151,15 @@ def finish_bundle(stage: Path, out: Path, manifest: dict, reports: list[dict], x
     bundle = Bundle(stage, {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **manifest}, signed=False)
     y = y_test.numpy()
     xs = x_test.numpy()
-    accuracy: dict = {"split": "test", "samples": int(len(y)), "pytorch_split": float((reference.numpy() == y).mean())}
+    accuracy: dict = {"split": "test", "samples": int(len(y))}
+    if not len(y):  # data without a test split (papm train accepts one): nothing measured, and no NaN in the manifest
+        log("test accuracy not measured: the data has no test images")
+    else:
+        accuracy["pytorch_split"] = float((reference.numpy() == y).mean())
     if classes is not None:
         accuracy["classes"] = classes
     own = np.isin(y, classes if classes is not None else [])
-    for precision in bundle.precisions():
+    for precision in bundle.precisions() if len(y) else []:
         rt = EdgeRuntime(bundle, precision)
         right = rt.logits(xs).argmax(1) == y
         accuracy[precision] = {"split": float(right.mean())}

@@ -211,12 +211,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     note = (f"CPU {cpu_features()['isa']}; onnxruntime {onnxruntime.__version__}. "
             f"Batch-1 latency over {args.runs} runs after {args.warmup} warm-up runs, 1 thread and {threads_all} threads; "
-            f"throughput at batch {args.batch} with {threads_all} threads. 'slowest part + head' is derived from the stage "
-            "timings (devices run in parallel); 'all parts in turn + head' is measured end to end on this CPU. "
+            f"throughput at batch {args.batch} with {threads_all} threads. "
+            + ("'model: part + head' is measured end to end on this CPU. " if len(bundle.parts) == 1 else
+               "'slowest part + head' is derived from the stage timings (devices run in parallel); 'all parts in turn + "
+               "head' is measured end to end on this CPU. ") +
             "The head always runs fp32. Non-zero params count the weights as exported (structured pruning removes "
             "channels, so sparsity stays near 0 and the parameter cut shows in 'params vs base'). "
             + (f"Accuracy on {len(test[1])} test images from {args.test_dir}." if test is not None
-               else "Accuracy: what the export measured on the run's test split (give --test-dir to measure here).")
+               else "Accuracy: what the export measured on the test split (give --test-dir to measure here).")
             + " Inputs for timing are synthetic; ONNX Runtime CPU.")
     atomic_write_text(out / "bench.csv", buf.getvalue())
     atomic_write_text(out / "bench.md", f"# papm bench: {bundle.path}\n\n{note}\n\n{table}\n")

@@ -19,8 +19,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/bundle, or <checkpoint name>-bundle beside it)")
     e.add_argument("--base", default=None, help="with a checkpoint: the base model to add for comparison (default: the one "
                    "`papm prune` recorded, when it is still there)")
-    e.add_argument("--int8", action="store_true", help="also write INT8 parts (static QDQ, calibrated on each device's training data)")
-    e.add_argument("--calib-samples", type=int, default=256, help="INT8 calibration images per device (from its own classes)")
+    e.add_argument("--int8", action="store_true", help="also write INT8 parts (static QDQ, calibrated on training images of each "
+                   "part's classes)")
+    e.add_argument("--calib-samples", type=int, default=256, help="INT8 calibration images per part (of its own classes)")
     e.add_argument("--int8-activations", choices=("u8", "s8"), default="u8",
                    help="INT8 activation type for the files made here: u8 (default; fastest with ONNX Runtime on x86) or s8")
     e.add_argument("--int8-reduce-range", choices=("auto", "on", "off"), default="auto",
@@ -100,7 +101,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"  {r['file']:<28} max |diff| {r['max_abs_diff']:.2e}  (<= {r['tolerance']:g}: {'ok' if r['ok'] else 'FAIL'})")
     acc = result["accuracy"]
     what = "model" if one_model else "split"
-    print(f"test accuracy ({acc['samples']} images): PyTorch {what} {acc['pytorch_split']:.4f}")
+    if acc["samples"]:
+        print(f"test accuracy ({acc['samples']} images): PyTorch {what} {acc['pytorch_split']:.4f}")
     for precision in ("fp32", "int8"):
         if precision in acc:
             a = acc[precision]

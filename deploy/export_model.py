@@ -14,29 +14,63 @@ from typing import Callable
 
 import torch
 
-from ..export.onnx_export import export_base, export_head, export_part, parity_inputs
+from ..export.onnx_export import export_base, export_head, export_part
 from ..export.quantize import int8_settings, quantize_int8
-from ..shared.checkpoint import load_checkpoint
+from ..shared.checkpoint import load_checkpoint, read_checkpoint
 from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
 from ..shared.files import new_temp_dir
-from .bundle import file_entry
-from .bundle_write import check_out, finish_bundle, input_entry, nonzero_params, part_entry
+from .bundle import file_entry, sha256_file
+from .bundle_write import (base_entry, calibration_images, check_inputs, check_out, finish_bundle, head_entry, input_entry,
+                           part_entry)
 
 
-def recorded_base(checkpoint: Path, raw: dict, base: Path | str | None) -> Path | None:
-    """The base checkpoint to put beside the model: ``base`` when given (it must exist), else the one `papm prune`
-    recorded, as written then (relative to where it ran, or to the pruned file's folder) when it is still there."""
+def _base_problem(path: Path, want_sha: str | None) -> str | None:
+    """Why ``path`` is not usable as the base (None: it is): a base-kind checkpoint, the recorded one when known."""
+    try:
+        kind = read_checkpoint(path).get("kind")
+    except PapmError as e:
+        return str(e).split(";")[0]
+    if kind != "base":
+        return f"{path} is a {kind} checkpoint, not a base model"
+    if want_sha is not None and sha256_file(path) != want_sha:
+        return f"{path} is not the base it was pruned from (its SHA-256 differs from the one papm prune recorded)"
+    return None
+
+
+def find_base(checkpoint: Path, raw: dict, base: Path | str | None, log: Callable[[str], None]) -> Path | None:
+    """The base checkpoint to put beside the model: ``base`` when given, else the one `papm prune` recorded (its
+    absolute path, or the path as typed then, beside the pruned file or where the export runs) when it is still
+    there, is a base model and has the SHA-256 recorded."""
+    meta = raw.get("meta") or {}
+    want_sha = meta.get("base_sha256")
     if base is not None:
-        if not Path(base).is_file():
-            raise PapmError(f"--base {base} not found; give the checkpoint the model was pruned from, or leave --base out")
-        return Path(base)
-    named = (raw.get("meta") or {}).get("base_checkpoint")
-    if not isinstance(named, str) or not named:
-        return None
-    for candidate in (Path(named), checkpoint.parent / named):
-        if candidate.is_file():
+        base = Path(base)
+        if not base.is_file():
+            raise PapmError(f"--base {base} is {'a folder' if base.is_dir() else 'not found'}; give the checkpoint file "
+                            "the model was pruned from, or leave --base out")
+        problem = _base_problem(base, None)
+        if problem:
+            raise PapmError(f"--base: {problem}; give the checkpoint `papm train` wrote, or leave --base out")
+        if want_sha is not None and sha256_file(base) != want_sha:
+            log(f"note: --base {base} is not the file this model was pruned from (SHA-256 differs); it is compared as given")
+        return base
+    where, typed = (n if isinstance(n, str) and n else None for n in (meta.get("base_checkpoint_path"),
+                                                                      meta.get("base_checkpoint")))
+    candidates = ([Path(where)] if where else []) + ([checkpoint.parent / typed, Path(typed)] if typed else []) + \
+                 [checkpoint.parent / Path(n).name for n in (where, typed) if n]  # moved along with the model
+    seen, refused = set(), []
+    for candidate in candidates:
+        if candidate.resolve() in seen or not candidate.is_file():
+            continue
+        seen.add(candidate.resolve())
+        problem = _base_problem(candidate, want_sha)
+        if problem is None:
+            log(f"base: {candidate}" + (" (the file it was pruned from: SHA-256 checked)" if want_sha else ""))
             return candidate
+        refused.append(problem)
+    log("no base model in the bundle (" + ("; ".join(refused) if refused else "the checkpoint names none that exists here")
+        + "; --base adds one): papm bench shows no base rows")
     return None
 
 
@@ -66,10 +100,10 @@ def export_checkpoint(
     if out.resolve() == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out.resolve()):
         raise PapmError(f"{checkpoint} is inside --out {out}; give the bundle a folder of its own, e.g. "
                         f"{checkpoint.with_name(checkpoint.stem + '-bundle')}")
+    model, info, raw = load_checkpoint(checkpoint)  # what is being exported first: a wrong file is named as such
     check_out(out, force=force, sign_key=sign_key, calib_samples=calib_samples)
-    model, info, raw = load_checkpoint(checkpoint)
     classes = [int(c) for c in (raw.get("meta") or {}).get("classes") or range(info.num_classes)]
-    base_path = recorded_base(checkpoint, raw, base)
+    base_path = find_base(checkpoint, raw, base, log)
     base_model = None
     if base_path is not None:
         base_model, base_info, _ = load_checkpoint(base_path)
@@ -78,16 +112,8 @@ def export_checkpoint(
             raise PapmError(f"base {base_path} has classes {base_info.class_names} at {base_info.in_channels}x"
                             f"{base_info.image_size}x{base_info.image_size}, {checkpoint} {info.class_names} at "
                             f"{info.in_channels}x{info.image_size}x{info.image_size}; give --base the model it was pruned from")
-    else:
-        log("no base model in the bundle (the checkpoint names none that exists here; --base adds one): "
-            "papm bench shows no base rows")
     splits = load_dataset_like(info, root=data_root)
-    x_check = parity_inputs(splits.val.x if len(splits.val) else splits.train.x, parity_samples,
-                            normalise=lambda x: normalise(x, info))
-
-    def calibration(seed: int):  # never test images: training images of the model's classes
-        local = splits.train.of_classes(classes)
-        return normalise((local if len(local) else splits.train).sample(calib_samples, seed).x, info).numpy()
+    x_check, checked_on = check_inputs(splits, info, parity_samples)
 
     stage = new_temp_dir(out.parent, out.name)
     try:
@@ -104,13 +130,14 @@ def export_checkpoint(
             base_files["fp32"] = "base.onnx"
         log(f"exported {', '.join(r['file'] for r in reports)}")
         if int8:
-            quantize_int8(stage / "parts/device-0.onnx", stage / "parts/device-0.int8.onnx", calibration(0),
-                          int8_activations, int8_reduce_range)
+            quantize_int8(stage / "parts/device-0.onnx", stage / "parts/device-0.int8.onnx",
+                          calibration_images(splits.train, info, classes, calib_samples, 0), int8_activations, int8_reduce_range)
             part["files"]["int8"] = "parts/device-0.int8.onnx"
             part["int8_calibration"] = {"samples": calib_samples, "source": "training images of its classes (papm export)"}
             part["int8_settings"] = int8_settings(int8_activations, int8_reduce_range)
             if base_model is not None:
-                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx", calibration(1), int8_activations, int8_reduce_range)
+                quantize_int8(stage / "base.onnx", stage / "base.int8.onnx",  # the base: every class, as a run's export
+                              calibration_images(splits.train, info, [], calib_samples, 1), int8_activations, int8_reduce_range)
                 base_files["int8"] = "base.int8.onnx"
             log(f"quantised to INT8 (QDQ, {int8_activations} activations, per-channel weights; calibrated on "
                 "training images of its classes)")
@@ -119,22 +146,17 @@ def export_checkpoint(
         manifest = {
             "dataset": info.name, "class_names": list(info.class_names), "groups": [classes], "input": input_entry(info),
             "parts": [part],
-            "head": {"input_name": "features", "output_name": "logits", "feature_order": [0], "feature_size": feature_size,
-                     "num_classes": info.num_classes, "params": sum(p.numel() for p in model.fc.parameters()),
-                     "nonzero_params": nonzero_params(model.fc), "files": {"fp32": file_entry(stage, "head.onnx")}},
+            "head": head_entry(model.fc, [0], feature_size, info.num_classes, stage),
             "source": {"checkpoint": checkpoint.name, "kind": raw.get("kind"),
                        "base_checkpoint": None if base_path is None else base_path.name},
         }
         if base_model is not None:
-            manifest["base"] = {"input_name": "image", "output_name": "logits",
-                                "params": sum(p.numel() for p in base_model.parameters()),
-                                "nonzero_params": nonzero_params(base_model),
-                                "files": {p: file_entry(stage, rel) for p, rel in base_files.items()}}
+            manifest["base"] = base_entry(base_model, base_files, stage)
         x_test = normalise(splits.test.x, info)
         with torch.no_grad():
             reference = model(x_test).argmax(1)
         accuracy = finish_bundle(stage, out, manifest, reports, x_test, splits.test.y, reference, sign_key, log,
-                                 "validation images + random", classes if len(classes) < info.num_classes else None)
+                                 checked_on, classes if len(classes) < info.num_classes else None)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

@@ -94,6 +94,7 @@ def _progress(args) -> bool | None:
 
 
 def run_prune(args) -> int:
+    from ..deploy.bundle import sha256_file
     from ..shared.checkpoint import load_checkpoint, save_checkpoint
     from ..shared.datasets import load_dataset_like
     from ..shared.errors import PapmError, sigterm_as_interrupt
@@ -163,6 +164,8 @@ def run_prune(args) -> int:
     report["checkpoint"] = str(out)
     save_checkpoint(out, model, margs, info, kind="pruned",
                     meta={"classes": classes, "base_checkpoint": str(args.checkpoint),
+                          # where the base is and which file it was: `papm export pruned.pt` adds it to the bundle
+                          "base_checkpoint_path": str(Path(args.checkpoint).resolve()), "base_sha256": sha256_file(args.checkpoint),
                           "reduction": report["reduction"], "criterion": settings.criterion, "alpha": settings.alpha,
                           "sparsity": settings.sparsity, "weight_bits": settings.weight_bits, "data_free": settings.data_free})
     atomic_write_json(report_path, report)

@@ -13,7 +13,7 @@ from papm.deploy.runtime import EdgeRuntime
 from papm.shared.checkpoint import load_checkpoint
 from papm.shared.datasets import normalise
 
-from conftest import run_papm
+from conftest import run_papm, write_pattern_folder, TINY_WIDTH
 
 CLASSES = [3, 5, 8]
 
@@ -36,6 +36,7 @@ def bundle(pruned, tmp_path_factory):
     r = run_papm("export", pruned / "p.pt", "--int8", cwd=elsewhere)
     assert r.returncode == 0, r.stderr
     assert "model" in r.stdout and "on its classes" in r.stdout
+    assert f"base: {pruned / 'base.pt'} (the file it was pruned from: SHA-256 checked)" in r.stdout
     return pruned / "p-bundle"
 
 
@@ -46,6 +47,17 @@ def pngs(folder, digits, n=12):
     for i in range(n):
         Image.fromarray(digits.test.x[i, 0].numpy(), mode="L").save(folder / f"img{i:02d}.png")
     return folder
+
+
+def export_here(*args, cwd, capsys, monkeypatch) -> str:
+    """`papm export ARGS` in this process (faster than a subprocess: torch is loaded), from ``cwd``; returns stdout."""
+    from papm.cli import main
+
+    monkeypatch.chdir(cwd)
+    code = main(["export", *map(str, args)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
 
 
 def test_pruned_checkpoint_becomes_a_one_part_bundle_with_its_base(bundle, pruned, digits):
@@ -107,15 +119,22 @@ def test_checkpoint_without_a_base_exports_without_base_rows(base_ckpt, digits, 
     assert "base (unsplit)" not in (tmp_path / "b" / "bench.md").read_text()
 
 
-def test_base_option_adds_a_base(pruned, tmp_path):
-    shutil.copy(pruned / "p.pt", tmp_path / "p.pt")  # the recorded base.pt is not beside this copy
+def test_base_option_names_the_base(pruned, tmp_path, capsys, monkeypatch):
+    """--base adds the file given; one that is not the file it was pruned from is still compared, with a note."""
+    from papm.shared.checkpoint import save_checkpoint
+    from papm.shared.models import build_model
+
     shutil.copy(pruned / "base.pt", tmp_path / "moved-base.pt")
-    r = run_papm("export", tmp_path / "p.pt", "--out", tmp_path / "no-base", cwd=tmp_path / "..")
-    assert r.returncode == 0, r.stderr
-    assert "base" not in json.loads((tmp_path / "no-base" / "manifest.json").read_text())
-    r = run_papm("export", "p.pt", "--base", "moved-base.pt", "--out", "with-base", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    stdout = export_here(pruned / "p.pt", "--base", "moved-base.pt", "--out", "with-base",
+                         cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert json.loads((tmp_path / "with-base" / "manifest.json").read_text())["source"]["base_checkpoint"] == "moved-base.pt"
+    assert "note:" not in stdout
+    _, info, raw = load_checkpoint(pruned / "base.pt")
+    save_checkpoint(tmp_path / "other-base.pt", build_model(raw["model_args"]), raw["model_args"], info, kind="base")
+    stdout = export_here(pruned / "p.pt", "--base", "other-base.pt", "--out", "other",
+                         cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert "note: --base other-base.pt is not the file this model was pruned from" in stdout
+    assert json.loads((tmp_path / "other" / "manifest.json").read_text())["base"]["params"] > 0
 
 
 def one_error_line(r) -> str:
@@ -138,12 +157,15 @@ def test_bad_inputs_of_a_checkpoint_export(pruned, bundle, tmp_path, capsys, mon
                     DatasetInfo.from_dict(info.to_dict() | {"image_size": 16}), kind="base")
     monkeypatch.chdir(pruned)
     cases = [
-        (["p.pt", "--base", "missing.pt", "--out", str(tmp_path / "x")], "--base missing.pt not found"),
+        (["p.pt", "--base", "missing.pt", "--out", str(tmp_path / "x")], "--base missing.pt is not found"),
         (["p.pt", "--out", str(tmp_path / "notes")], "is not a PAPM edge bundle"),
         (["p.pt", "--out", str(bundle)], "already exists; pass --force"),
         (["p.pt", "--out", "."], "is inside --out"),
         ([str(pruned), "--base", "base.pt"], "--base goes with a checkpoint"),
         (["pruned-typo.pt"], "run directory or checkpoint not found: pruned-typo.pt"),
+        (["p.pt", "--base", str(tmp_path), "--out", str(tmp_path / "x")], "is a folder"),
+        (["p.pt", "--base", "p.pt", "--out", str(tmp_path / "x")], "is a pruned checkpoint, not a base model"),
+        (["p.json"], "p.json is not a readable checkpoint"),  # named before its default --out (p-bundle) is looked at
         (["p.pt", "--base", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")], "give --base the model it was pruned from"),
     ]
     for args, expected in cases:
@@ -154,3 +176,50 @@ def test_bad_inputs_of_a_checkpoint_export(pruned, bundle, tmp_path, capsys, mon
     assert not (tmp_path / "x").exists() and not (tmp_path / "o").exists()
     # as a user runs it: one line, exit 2
     assert "--base goes with a checkpoint" in one_error_line(run_papm("export", pruned, "--base", "base.pt"))
+
+
+def test_only_the_recorded_base_is_taken(pruned, tmp_path, capsys, monkeypatch):
+    """With the base gone from where papm prune read it, a file of its name where the export runs or beside the
+    checkpoint is added only if it is the base checkpoint papm prune read (kind and SHA-256); otherwise the bundle
+    has no base and the export says why."""
+    from papm.shared.checkpoint import save_checkpoint
+    from papm.shared.models import build_model
+
+    work, folder = tmp_path / "work", tmp_path / "moved"
+    work.mkdir()
+    folder.mkdir()
+    shutil.copy(pruned / "p.pt", work / "base.pt")  # a pruned model named base.pt in the folder the export runs in
+    shutil.copy(pruned / "p.pt", folder / "p.pt")
+    _, info, raw = load_checkpoint(pruned / "base.pt")
+    shutil.move(pruned / "base.pt", tmp_path / "away.pt")  # the recorded path no longer holds it
+    try:
+        stdout = export_here(folder / "p.pt", "--out", tmp_path / "b1", cwd=work, capsys=capsys, monkeypatch=monkeypatch)
+        assert "base" not in json.loads((tmp_path / "b1" / "manifest.json").read_text())
+        assert "no base model in the bundle" in stdout and "is a pruned checkpoint, not a base model" in stdout
+        torch.manual_seed(1)  # another base checkpoint of that name beside it: not the one it was pruned from
+        save_checkpoint(folder / "base.pt", build_model(raw["model_args"]), raw["model_args"], info, kind="base")
+        stdout = export_here(folder / "p.pt", "--out", tmp_path / "b2", cwd=work, capsys=capsys, monkeypatch=monkeypatch)
+        assert "base" not in json.loads((tmp_path / "b2" / "manifest.json").read_text())
+        assert "is not the base it was pruned from" in stdout
+        shutil.copy(tmp_path / "away.pt", folder / "base.pt")  # the right one, moved along with the model: found
+        stdout = export_here(folder / "p.pt", "--out", tmp_path / "b3", cwd=work, capsys=capsys, monkeypatch=monkeypatch)
+        assert f"base: {folder / 'base.pt'}" in stdout and "base" in json.loads((tmp_path / "b3" / "manifest.json").read_text())
+    finally:
+        shutil.move(tmp_path / "away.pt", pruned / "base.pt")
+
+
+def test_data_without_a_test_split_exports_without_accuracy(tmp_path):
+    """papm train accepts a tree with train/ only; its export measures no accuracy (no NaN in the manifest)."""
+    root = write_pattern_folder(tmp_path / "data", per_class=8, size=16, parts=("train",))
+    r = run_papm("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "16", "--width", str(TINY_WIDTH),
+                 "--epochs", "1", "--out", "base.pt", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_papm("export", "base.pt", "--int8", "--calib-samples", "8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy not measured: the data has no test images" in r.stdout and "nan" not in r.stdout.lower()
+    text = (tmp_path / "base-bundle" / "manifest.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the manifest"))["accuracy"] == {"split": "test",
+                                                                                                         "samples": 0}
+    r = run_papm("bench", tmp_path / "base-bundle", "--runs", "2", "--warmup", "0", "--batch", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "nan" not in (tmp_path / "base-bundle" / "bench.md").read_text()
