@@ -22,7 +22,6 @@ from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
 from ..shared.files import new_temp_dir
 from ..shared.fusion import SplitModel
-from .bundle import file_entry
 from .bundle_write import (base_entry, calibration_images, check_inputs, check_out, finish_bundle, head_entry, input_entry,
                            part_entry)
 
@@ -175,9 +174,6 @@ def export_run(
                               int8_reduce_range)
             base_files["int8"] = "base.int8.onnx"
 
-        for part in parts:
-            part["precisions"] = list(part["files"])
-            part["files"] = {p: file_entry(stage, rel) for p, rel in part["files"].items()}
         manifest = {
             "dataset": info.name,
             "class_names": list(info.class_names),

@@ -140,7 +140,11 @@ def finish_bundle(stage: Path, out: Path, manifest: dict, reports: list[dict], x
                   classes: list[int] | None = None) -> dict:
     """Complete the bundle assembled in ``stage`` (parity report, test accuracy, manifest, signature) and swap it into
     ``out``; returns the accuracy. ``reference``: PyTorch's predictions on ``x_test`` (normalised test images);
-    ``classes``: also the accuracy on the test images of these classes (a specialist's own)."""
+    ``classes``: also the accuracy on the test images of these classes (a specialist's own). Each part's ``files``
+    (precision -> path in the bundle) become file entries with their sha256 here."""
+    for part in manifest["parts"]:
+        part["precisions"] = list(part["files"])
+        part["files"] = {p: file_entry(stage, rel) for p, rel in part["files"].items()}
     atomic_write_json(stage / "parity.json", {"tolerance": PARITY_TOL, "tolerance_is": "per unit of output scale (each file's "
                                               "tolerance: this times max(1, its largest output magnitude))", "files": reports,
                                               "inputs": parity_inputs_are})

@@ -20,7 +20,7 @@ from ..shared.checkpoint import load_checkpoint, read_checkpoint
 from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
 from ..shared.files import new_temp_dir
-from .bundle import file_entry, sha256_file
+from .bundle import sha256_file
 from .bundle_write import (base_entry, calibration_images, check_inputs, check_out, finish_bundle, head_entry, input_entry,
                            part_entry)
 
@@ -117,9 +117,9 @@ def export_checkpoint(
 
     stage = new_temp_dir(out.parent, out.name)
     try:
-        with torch.no_grad():
-            feature_size = int(model.features(x_check[:2]).shape[1])
+        with torch.no_grad():  # measured, not read from an attribute: what the exported graph will output
             features = model.features(x_check)
+        feature_size = int(features.shape[1])
         part = part_entry(0, classes, info, model, feature_size, "parts/device-0.onnx")
         reports = [{**export_part(model, stage / "parts/device-0.onnx", x_check), "file": "parts/device-0.onnx",
                     "precision": "fp32"},
@@ -139,10 +139,8 @@ def export_checkpoint(
                 quantize_int8(stage / "base.onnx", stage / "base.int8.onnx",  # the base: every class, as a run's export
                               calibration_images(splits.train, info, [], calib_samples, 1), int8_activations, int8_reduce_range)
                 base_files["int8"] = "base.int8.onnx"
-            log(f"quantised to INT8 (QDQ, {int8_activations} activations, per-channel weights; calibrated on "
-                "training images of its classes)")
-        part["precisions"] = list(part["files"])
-        part["files"] = {p: file_entry(stage, rel) for p, rel in part["files"].items()}
+            log(f"quantised to INT8 (QDQ, {int8_activations} activations, per-channel weights; calibrated on training "
+                "images of its classes" + (", the base's on those of every class)" if base_model is not None else ")"))
         manifest = {
             "dataset": info.name, "class_names": list(info.class_names), "groups": [classes], "input": input_entry(info),
             "parts": [part],
