@@ -22,8 +22,8 @@ from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
 from ..shared.files import new_temp_dir
 from ..shared.fusion import SplitModel
-from .bundle_write import (base_entry, calibration_images, check_inputs, check_out, finish_bundle, head_entry, input_entry,
-                           part_entry)
+from .bundle_write import (base_entry, bundle_folder, calibration_images, check_inputs, check_out, finish_bundle, head_entry,
+                           input_entry, part_entry)
 
 
 def export_run(
@@ -62,7 +62,7 @@ def export_run(
     Returns {"bundle", "parity", "accuracy"}.
     """
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "bundle"
+    out = bundle_folder(run_dir, out)
     if not run_dir.is_dir():
         raise PapmError(f"run directory or checkpoint not found: {run_dir}; give a folder `papm simulate` wrote or a "
                         "`papm prune` / `papm train` checkpoint")

@@ -24,6 +24,15 @@ from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, file_entry, write_man
 from .runtime import EdgeRuntime
 
 
+def bundle_folder(source: Path | str, out: Path | str | None) -> Path:
+    """Where an export writes: ``out``, else ``RUN_DIR/bundle`` for a run directory and ``<name>-bundle`` beside a
+    checkpoint file."""
+    source = Path(source)
+    if out is not None:
+        return Path(out)
+    return source.with_name(f"{source.stem}-bundle") if source.is_file() else source / "bundle"
+
+
 def _feature_params(model: nn.Module) -> int:
     """Parameters a part actually runs (the extractor without its classifier)."""
     fc = getattr(model, "fc", None)

@@ -73,13 +73,19 @@ def run_export(args: argparse.Namespace) -> int:
 
         from ..shared.files import new_temp_dir
         from .bundle import PRIVATE_KEY, PUBLIC_KEY, generate_keypair
+        from .bundle_write import bundle_folder
 
         keys = Path(args.new_key)
+        out = bundle_folder(args.run_dir, args.out).resolve()
+        if keys.resolve() == out or out in keys.resolve().parents:  # the private key must never ship with the bundle
+            raise PapmError(f"--new-key {keys} is inside the bundle folder {out}; keep the keys in a folder of their own, "
+                            "e.g. --new-key keys/")
         for name in (PRIVATE_KEY, PUBLIC_KEY):
             if (keys / name).exists():
                 raise PapmError(f"{keys / name} already exists; sign with --sign-key {keys / PRIVATE_KEY}, or give --new-key another folder")
         # the pair is made beside its folder and moved in only once the signed bundle exists:
         # a failed export leaves no key behind, and a retry is not stuck on one
+        made = [d for d in (keys, *keys.parents) if not d.exists()]  # folders this command creates (removed on failure)
         keys.mkdir(parents=True, exist_ok=True)
         staging = new_temp_dir(keys, "new-key")
         signed = False
@@ -92,6 +98,9 @@ def run_export(args: argparse.Namespace) -> int:
         finally:
             if not signed:
                 shutil.rmtree(staging, ignore_errors=True)
+                for d in made:  # deepest first; only what this command made, and only if still empty
+                    if d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
             elif not any(staging.iterdir()):
                 staging.rmdir()
         sign_key = keys / PRIVATE_KEY

@@ -21,8 +21,8 @@ from ..shared.datasets import load_dataset_like, normalise
 from ..shared.errors import PapmError
 from ..shared.files import new_temp_dir
 from .bundle import sha256_file
-from .bundle_write import (base_entry, calibration_images, check_inputs, check_out, finish_bundle, head_entry, input_entry,
-                           part_entry)
+from .bundle_write import (base_entry, bundle_folder, calibration_images, check_inputs, check_out, finish_bundle, head_entry,
+                           input_entry, part_entry)
 
 
 def _base_problem(path: Path, want_sha: str | None) -> str | None:
@@ -96,7 +96,7 @@ def export_checkpoint(
     The same ``--out`` rules as a run's export: only a bundle is replaced, only with ``force``, once the new one is
     complete. Returns {"bundle", "parity", "accuracy", "base"}."""
     checkpoint = Path(checkpoint)
-    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-bundle")
+    out = bundle_folder(checkpoint, out)
     if out.resolve() == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out.resolve()):
         raise PapmError(f"{checkpoint} is inside --out {out}; give the bundle a folder of its own, e.g. "
                         f"{checkpoint.with_name(checkpoint.stem + '-bundle')}")

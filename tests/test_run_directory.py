@@ -208,8 +208,16 @@ def test_new_key_is_kept_only_when_the_export_succeeds(finished_run, tmp_path):
     shutil.copytree(finished_run, run)
     keys = tmp_path / "keys"
     (run / "fusion" / "head.pt").write_bytes(b"damaged")
+    r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", keys / "site-a")
+    assert r.returncode == 2 and not keys.exists()  # the folders it made for the keys go with the failed export
+    keys.mkdir()
+    (keys / "README").write_text("mine")
     r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", keys)
-    assert r.returncode == 2 and not list(keys.glob("*.pem")) and not list(keys.glob(".*"))
+    assert r.returncode == 2 and sorted(p.name for p in keys.iterdir()) == ["README"]  # a folder it did not make stays
+    (keys / "README").unlink()
+    for inside in (tmp_path / "b", tmp_path / "b" / "keys"):  # the private key would ship with the bundle
+        r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", inside)
+        assert r.returncode == 2 and "is inside the bundle folder" in r.stderr and not inside.exists()
     shutil.copy(finished_run / "fusion" / "head.pt", run / "fusion" / "head.pt")
     r = run_papm("export", run, "--out", tmp_path / "b", "--new-key", keys)  # the retry is not stuck
     assert r.returncode == 0, r.stderr[-2000:]
