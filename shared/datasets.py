@@ -280,6 +280,9 @@ def load_dataset_like(info: DatasetInfo, name: str | None = None, root: str | Pa
     Normalisation stays the checkpoint's (``info``), so the model sees what it was trained on.
     """
     name = name or info.name
+    if name == "digits" and root is not None:  # digits ships with scikit-learn: a folder given here would be ignored
+        raise PapmError(f"--data-root {root} names image folders, but the data is digits (shipped with scikit-learn); "
+                        "drop --data-root")
     if root is None and name == info.name and name != "digits" and info.source and not Path(info.source).is_dir():
         raise PapmError(f"the checkpoint's data folder {info.source} (where it was trained) is not a folder here: moved, "
                         "or a relative path from another working folder; give --data-root where the data is now")

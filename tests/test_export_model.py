@@ -165,7 +165,8 @@ def test_bad_inputs_of_a_checkpoint_export(pruned, bundle, tmp_path, capsys, mon
         (["pruned-typo.pt"], "run directory or checkpoint not found: pruned-typo.pt"),
         (["p.pt", "--base", str(tmp_path), "--out", str(tmp_path / "x")], "is a folder"),
         (["p.pt", "--base", "p.pt", "--out", str(tmp_path / "x")], "is a pruned checkpoint, not a base model"),
-        (["p.json"], "p.json is not a readable checkpoint"),  # named before its default --out (p-bundle) is looked at
+        (["p.json"], "p.json is not a readable checkpoint"),
+        (["p.pt", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")], "the data is digits (shipped with scikit-learn)"),  # named before its default --out (p-bundle) is looked at
         (["p.pt", "--base", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")], "give --base the model it was pruned from"),
     ]
     for args, expected in cases:
