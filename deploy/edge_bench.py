@@ -127,7 +127,7 @@ def bench_rows(bundle, runs: int, warmup: int, batch: int, threads_all: int, tes
         # devices in parallel: the slowest part, then the head (derived from the stage timings)
         slow = {key: max(r[key] for r in parts) + head[key] for key in ("lat1_ms", "lat1_p95_ms", "latn_ms", "latn_p95_ms")}
         par_tp = min([r["throughput"] for r in parts] + [head["throughput"]])
-        one_model = len(parts) == 1  # `papm export pruned.pt`: the model itself, nothing runs in parallel
+        one_model = len(parts) == 1  # `papm export pruned.pt` or a one-part run: nothing runs in parallel
         if not one_model:
             rows.append({"model": "split: slowest part + head", "precision": precision, "params": params,
                          "nonzero_params": nonzero, "size_kb": size, **slow, "throughput": par_tp, "accuracy": split_acc})
